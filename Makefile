@@ -1,0 +1,40 @@
+# scam-back: `make run` installs everything and starts the milter on the shipped config;
+# `make test` installs everything and runs the whole suite; `make setup` only installs.
+
+PYTHON   ?= /usr/bin/python3
+VENV     ?= .venv
+APT_PKGS  = libmilter-dev python3-dev python3-venv gcc
+RUN_DIR  ?= /var/spool/scam
+RUN_USER ?= nobody
+
+.PHONY: setup run test check clean apt
+
+setup: $(VENV)/.installed
+
+# Debian packages: installed only when missing, so a ready machine pays nothing.
+apt:
+	@missing=""; for p in $(APT_PKGS); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: setup.cfg setup.py | apt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip setuptools wheel
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+run: setup
+	install -d -o $(RUN_USER) -m 0755 $(RUN_DIR)
+	$(VENV)/bin/scam-back -t -f etc/scam.conf
+	exec $(VENV)/bin/scam-back -p inet:8900@127.0.0.1 -u $(RUN_USER) -f etc/scam.conf \
+	  -P $(RUN_DIR)/scam-back.pid
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,92 @@
+"""Parse, normalise and sanitise a recipient address: the one place that decides what is safe."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_ADDRESS_OCTETS = 254            # RFC 5321 path limit (256) less the angle brackets
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+SOURCE_ROUTE = re.compile(r"^@[^:,]+(?:,@[^:,]+)*:")
+
+
+class AddressError(ValueError):
+    """The address cannot be sent to a backend as it is: it is answered 550 5.1.3."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """A recipient safe to put in `RCPT TO:<...>`: no control characters, brackets or bare spaces."""
+
+    local: str
+    domain: str          # lower-cased, trailing dots removed; "" when there was no @domain
+
+    @property
+    def text(self) -> str:
+        """The address as sent to the backend and stored in the cache."""
+        return f"{self.local}@{self.domain}" if self.domain else self.local
+
+    @property
+    def is_utf8(self) -> bool:
+        """True for SMTPUTF8 addresses, which need that extension at the backend."""
+        return not self.text.isascii()
+
+    @property
+    def is_literal(self) -> bool:
+        """True for address literals such as user@[192.0.2.1], which name no mail domain."""
+        return self.domain.startswith("[")
+
+
+def _split_unquoted(text: str) -> tuple[str, str]:
+    """Split at the last @ that is not inside a quoted local part; check quoting on the way."""
+    in_quote = escaped = False
+    at = -1
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif in_quote and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            in_quote = not in_quote
+        elif not in_quote:
+            if ch in " \t<>(),;[]" and not (ch in "[]" and at >= 0):
+                raise AddressError(f"unquoted {ch!r} in the address")
+            if ch == "@":
+                at = i
+    if in_quote:
+        raise AddressError("unbalanced quote in the address")
+    if at < 0:
+        return text, ""
+    return text[:at], text[at + 1:]
+
+
+def parse(raw: str) -> Address:
+    """Turn an RCPT argument or {rcpt_addr} value into an Address, or raise AddressError.
+
+    Angle brackets around the whole are removed, a source route (<@a,@b:u@d>) is dropped as
+    RFC 5321 allows, and the domain is lower-cased without trailing dots.
+    """
+    if CONTROL.search(raw):
+        raise AddressError("control character (CR, LF, NUL, ...) in the address")
+    text = raw.strip(" ")
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    text = SOURCE_ROUTE.sub("", text)
+    if not text:
+        raise AddressError("empty address")
+    if len(text.encode("utf-8", "surrogateescape")) > MAX_ADDRESS_OCTETS:
+        raise AddressError(f"address longer than {MAX_ADDRESS_OCTETS} octets")
+    local, domain = _split_unquoted(text)
+    if not local:
+        raise AddressError("empty local part")
+    if "@" in text and not domain:
+        raise AddressError("empty domain after @")
+    if domain.startswith("["):
+        if not re.fullmatch(r"\[[A-Za-z0-9.:]+\]", domain):
+            raise AddressError("malformed address literal")
+    elif domain:
+        domain = domain.rstrip(".").lower()
+        if not domain or ".." in domain or domain.startswith(".") or \
+                re.search(r"[\s\"\\@]", domain):
+            raise AddressError("malformed domain")
+    return Address(local, domain)

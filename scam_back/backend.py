@@ -1,0 +1,184 @@
+"""BackendSession: one SMTP dialogue with an inner server (smtplib), every step time-bounded."""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import socket
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+log = logging.getLogger("scam-back")
+
+MAX_RCPTS_PER_TRANSACTION = 50      # well under the 100 that RFC 5321 servers must take
+
+
+class BackendError(Exception):
+    """The backend could not give a verdict; `kind` says which step failed."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        self.kind, self.detail = kind, detail
+        super().__init__(f"{kind}: {detail}")
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What every backend dialogue needs from the config."""
+
+    helo_name: str
+    mail_from: str
+    ehlo: bool = True
+    timeout_connect: float = 1.5
+    timeout_reply: float = 3.0
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib.SMTP whose connect and reads have separate, caller-set timeouts."""
+
+    connect_timeout: float = 1.5
+    read_timeout: float = 3.0
+
+    def _get_socket(self, host, port, timeout):  # type: ignore[no-untyped-def]
+        sock = socket.create_connection((host, port), self.connect_timeout)
+        sock.settimeout(self.read_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+
+def _format(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class BackendSession:
+    """A connection to one backend address: banner, EHLO/HELO, MAIL FROM, RCPTs, RSET, QUIT.
+
+    A session is used by one thread at a time (one MTA connection). Every command is bounded
+    by TimeoutSMTPReply and by the caller's deadline, whichever comes first.
+    """
+
+    def __init__(self, host: str, port: int, settings: SessionSettings) -> None:
+        self.host, self.port, self.settings = host, port, settings
+        self.label = _format(host, port)
+        self._smtp: Optional[_SMTP] = None
+        self._in_transaction = False
+        self._needs_reset = False
+        self._rcpts = 0
+        self.used = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._smtp is not None and self._smtp.sock is not None
+
+    def _remaining(self, deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BackendError("timeout", "BackVerifyTimeout reached")
+        return left
+
+    def _command(self, line: str, deadline: float) -> tuple[int, str]:
+        """Send one command and read its whole (possibly multi-line) reply."""
+        assert self._smtp is not None
+        sock = self._smtp.sock
+        if sock is None:
+            raise BackendError("closed", "connection already closed")
+        sock.settimeout(min(self.settings.timeout_reply, self._remaining(deadline)))
+        log.debug("backend %s >>> %s", self.label, line)
+        try:
+            self._smtp.putcmd(line)
+            code, raw = self._smtp.getreply()
+        except smtplib.SMTPResponseException as exc:
+            self._drop()
+            raise BackendError("garbage", f"{exc.smtp_code} {exc.smtp_error!r}") from None
+        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            self._drop()
+            kind = "timeout" if "timed out" in str(exc) else "closed"
+            raise BackendError(kind, f"no reply to {line.split()[0]}: {exc}") from None
+        text = raw.decode("utf-8", "replace")
+        log.debug("backend %s <<< %s %s", self.label, code, text.replace("\n", " | "))
+        if code == 421:
+            self._drop()
+        return code, text
+
+    def open(self, deadline: float) -> None:
+        """Connect, read the 220 banner and greet; a refused greeting is a BackendError."""
+        smtp = _SMTP(timeout=None)
+        smtp.command_encoding = "utf-8"
+        smtp.connect_timeout = min(self.settings.timeout_connect, self._remaining(deadline))
+        smtp.read_timeout = min(self.settings.timeout_reply, self._remaining(deadline))
+        try:
+            code, raw = smtp.connect(self.host, self.port)
+        except smtplib.SMTPResponseException as exc:
+            smtp.close()
+            raise BackendError("banner", f"bad banner: {exc.smtp_code} {exc.smtp_error!r}") from None
+        except smtplib.SMTPServerDisconnected as exc:
+            smtp.close()
+            raise BackendError("banner", f"no banner: {exc}") from None
+        except OSError as exc:
+            smtp.close()
+            reason = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+            raise BackendError("connect", f"cannot connect: {reason}") from None
+        log.debug("backend %s <<< %s %s", self.label, code, raw.decode("utf-8", "replace"))
+        if code != 220:
+            smtp.close()
+            raise BackendError("banner", f"banner {code} {raw.decode('utf-8', 'replace')[:80]}")
+        self._smtp = smtp
+        self.used = False
+        self._in_transaction = self._needs_reset = False
+        code, text = (0, "")
+        if self.settings.ehlo:
+            code, text = self._command(f"EHLO {self.settings.helo_name}", deadline)
+        if code != 250:
+            code, text = self._command(f"HELO {self.settings.helo_name}", deadline)
+        if code != 250:
+            self.close(deadline)
+            raise BackendError("helo", f"greeting refused: {code} {text[:120]}")
+
+    def _begin(self, deadline: float) -> None:
+        if self._needs_reset:
+            code, text = self._command("RSET", deadline)
+            if code != 250:
+                self.close(deadline)
+                raise BackendError("rset", f"RSET refused: {code} {text[:120]}")
+            self._needs_reset = self._in_transaction = False
+        if not self._in_transaction:
+            code, text = self._command(f"MAIL FROM:<{self.settings.mail_from}>", deadline)
+            if code != 250:
+                self.close(deadline)
+                raise BackendError("mail", f"MAIL FROM refused: {code} {text[:120]}")
+            self._in_transaction, self._rcpts = True, 0
+
+    def rcpt(self, address: str, deadline: float) -> tuple[int, str]:
+        """Ask about one recipient; returns the reply code and text."""
+        if not self.is_open:
+            raise BackendError("closed", "session is not open")
+        self.used = True
+        if self._rcpts >= MAX_RCPTS_PER_TRANSACTION:
+            self._needs_reset = True
+        self._begin(deadline)
+        self._rcpts += 1
+        return self._command(f"RCPT TO:<{address}>", deadline)
+
+    def reset(self) -> None:
+        """End the current transaction; RSET is sent lazily, before the next MAIL FROM."""
+        if self._in_transaction:
+            self._needs_reset = True
+
+    def close(self, deadline: Optional[float] = None) -> None:
+        """Send QUIT (briefly bounded) and close; never raises."""
+        if self.is_open:
+            try:
+                self._command("QUIT", deadline if deadline is not None
+                              else time.monotonic() + self.settings.timeout_reply)
+            except BackendError:
+                pass
+        self._drop()
+
+    def _drop(self) -> None:
+        if self._smtp is not None:
+            try:
+                self._smtp.close()
+            except OSError:
+                pass
+        self._smtp = None
+        self._in_transaction = self._needs_reset = False

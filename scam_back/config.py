@@ -1,0 +1,403 @@
+"""scam.conf -> frozen Config: every key declared once, every error reported as file:line."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+DEFAULT_CONFIG_PATH = "/etc/mail/scam.conf"
+DEFAULT_MAILERTABLE = "/etc/mail/mailertable"
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error")
+
+IPNetwork = "ipaddress.IPv4Network | ipaddress.IPv6Network"
+
+
+class ConfigError(Exception):
+    """A fatal problem in a config file, located by path and line."""
+
+    def __init__(self, path: str, lineno: int, message: str) -> None:
+        self.path, self.lineno, self.message = path, lineno, message
+        where = f"{path}:{lineno}" if lineno else path
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """One backend host as written in the config: name or literal, port, MX lookup or not."""
+
+    host: str
+    port: int = 25
+    mx: bool = False
+
+    def __str__(self) -> str:
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{shown}:{self.port}" if not self.mx else f"MX({self.host}):{self.port}"
+
+
+@dataclass(frozen=True)
+class DomainRoute:
+    """A configured domain (BackAddrDomain) and the backend hosts that answer for it."""
+
+    domain: str
+    hosts: tuple[HostSpec, ...]
+    lineno: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything scam.conf says, with the original's defaults."""
+
+    path: str = DEFAULT_CONFIG_PATH
+    domains: tuple[DomainRoute, ...] = ()
+    all_domains_hosts: tuple[HostSpec, ...] = ()
+    smtp_port: int = 25
+    valid_ttl: int = 86400
+    invalid_ttl: int = 3000
+    subdomains: bool = False
+    backlist: Optional[str] = None
+    timeout_connect: float = 1.5
+    timeout_reply: float = 3.0
+    verify_timeout: float = 10.0
+    skip_verify: tuple = ()
+    skip_loopback: bool = True
+    skip_daemons: tuple[str, ...] = ("MSA",)
+    skip_recipients: tuple[str, ...] = ("postmaster",)
+    error_tempfail: bool = False
+    use_mailertable: bool = False
+    mailertable: str = DEFAULT_MAILERTABLE
+    prefer_ip_version: int = 0
+    backoff: int = 60
+    ehlo: bool = True
+    bitbucket: bool = False
+    all_domains: bool = False
+    mail_from: Optional[str] = None
+    helo_name: str = "localhost"
+    cache_max: int = 1_000_000
+    save_interval: int = 300
+    reject_text: str = "User unknown"
+    log_level: str = "info"
+    dns_server: Optional[tuple[str, int]] = None
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def probe_sender(self) -> str:
+        """The MAIL FROM address of probes: BackMailFrom, or postmaster+backscatter@HeloName."""
+        if self.mail_from is not None:
+            return self.mail_from
+        return f"postmaster+backscatter@{self.helo_name}"
+
+    def features(self) -> list[str]:
+        """The original's compile-time switches and a few key settings, for -h."""
+        yes = {True: "yes", False: "no"}
+        return [
+            f"UseMailertable: {yes[self.use_mailertable]}",
+            f"Ehlo: {yes[self.ehlo]}",
+            f"BitBucket: {yes[self.bitbucket]}",
+            f"AllDomains: {yes[self.all_domains]}",
+            f"BackSMTPBackoff: {self.backoff} s (per backend address)",
+            f"BackErrorTempfail: {yes[self.error_tempfail]}",
+            "IPv6 skip rules and backends: yes",
+        ]
+
+
+# ---- value parsers: each takes the raw text and returns a value or raises ValueError(why) ----
+
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                         r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+
+
+def parse_bool(text: str) -> bool:
+    """yes/no, true/false, on/off, 1/0, any case."""
+    low = text.lower()
+    if low in ("yes", "true", "on", "1"):
+        return True
+    if low in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f'not yes or no: "{text}"')
+
+
+def parse_int(text: str, minimum: int = 0, maximum: int = 2**31) -> int:
+    """A whole number within bounds."""
+    if not re.fullmatch(r"\d+", text):
+        raise ValueError(f'not a whole number: "{text}"')
+    value = int(text)
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{value} is out of range ({minimum} to {maximum})")
+    return value
+
+
+def parse_port(text: str) -> int:
+    """A TCP port, 1-65535."""
+    if not re.fullmatch(r"\d{1,5}", text) or not 1 <= int(text) <= 65535:
+        raise ValueError(f'not a port number: "{text}"')
+    return int(text)
+
+
+def parse_seconds(text: str) -> float:
+    """A positive duration in seconds; decimals allowed (1.5)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f'not a number of seconds: "{text}"') from None
+    if not 0 < value <= 86400:
+        raise ValueError(f"{text} seconds is out of range (more than 0, at most 86400)")
+    return value
+
+
+def parse_host(text: str) -> str:
+    """A host name, an IPv4 literal, or an IPv6 literal (bare or in brackets)."""
+    host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if host.lower().startswith("ipv6:"):
+        host = host[5:]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if HOSTNAME_RE.match(host) and not re.fullmatch(r"[\d.]+", host):
+        return host.rstrip(".").lower()
+    raise ValueError(f'not a host name, IPv4 or IPv6 address: "{text}"')
+
+
+def parse_domain(text: str) -> str:
+    """A mail domain, lower-cased, without trailing dots."""
+    domain = text.rstrip(".").lower()
+    if not domain or not HOSTNAME_RE.match(domain):
+        raise ValueError(f'not a domain name: "{text}"')
+    return domain
+
+
+def parse_network(text: str):
+    """An IPv4 or IPv6 address or CIDR; host bits after the mask are ignored."""
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f'not an IPv4 or IPv6 address or CIDR: "{text}"') from None
+
+
+def parse_daemon(text: str) -> str:
+    """A daemon name as the MTA's {daemon_name} macro carries it."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", text):
+        raise ValueError(f'not a daemon name (letters, digits, ".", "_", "-"): "{text}"')
+    return text
+
+
+def parse_mail_from(text: str) -> str:
+    """The probe sender: an address, or <> for the null sender."""
+    value = text[1:-1] if text.startswith("<") and text.endswith(">") else text
+    if value == "":
+        return ""
+    if re.search(r"[\s<>\x00-\x1f\x7f]", value) or value.count("@") != 1 or \
+            value.startswith("@") or value.endswith("@"):
+        raise ValueError(f'not an address (local@domain) or <>: "{text}"')
+    return value
+
+
+def parse_skip_recipient(text: str) -> str:
+    """A local part (postmaster) or a whole address (abuse@example.net), lower-cased."""
+    value = text.strip("<>").lower()
+    if not value or re.search(r"[\s<>\x00-\x1f\x7f]", value) or value.startswith("@") \
+            or value.endswith("@"):
+        raise ValueError(f'not a local part or an address: "{text}"')
+    return value
+
+
+def parse_reply_text(text: str) -> str:
+    """A reply text for the MTA: printable ASCII, no '%' (libmilter drops such replies)."""
+    if not text or not all(" " <= ch <= "~" for ch in text):
+        raise ValueError("must be printable ASCII text")
+    if "%" in text:
+        raise ValueError("must not contain '%' (libmilter would drop the reply)")
+    return text
+
+
+def parse_log_level(text: str) -> str:
+    """One of debug, info, notice, warning, error."""
+    if text.lower() not in LOG_LEVELS:
+        raise ValueError(f'not a log level ({", ".join(LOG_LEVELS)}): "{text}"')
+    return text.lower()
+
+
+def parse_ip_version(text: str) -> int:
+    """4, 6, or 0 for no preference."""
+    if text not in ("0", "4", "6"):
+        raise ValueError(f'must be 4, 6 or 0: "{text}"')
+    return int(text)
+
+
+def parse_dns_server(text: str) -> tuple[str, int]:
+    """host[:port], [ipv6]:port, or a bare IPv6 address; port defaults to 53."""
+    match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", text)
+    if match:
+        host, port = match.group(1), match.group(2) or "53"
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, "53"
+    try:
+        address = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ValueError(f'not an IP address (with an optional :port): "{text}"') from None
+    return address, parse_port(port)
+
+
+def parse_path(text: str) -> str:
+    """A file path."""
+    if "\x00" in text:
+        raise ValueError("a path cannot contain NUL")
+    return text
+
+
+# One table: lower-cased key -> (canonical name, parser, Config field or None, repeatable).
+# Keys whose field is None are handled by the loader because their order matters.
+KEYS: dict[str, tuple[str, Callable, Optional[str], bool]] = {k.lower(): (k, p, f, r) for k, p, f, r in [
+    ("BackSMTPServer", parse_host, None, True),
+    ("BackAddrDomain", parse_domain, None, True),
+    ("BackSMTPPort", parse_port, None, True),
+    ("BackValidAddrExp", parse_int, "valid_ttl", False),
+    ("BackInvalidAddrExp", parse_int, "invalid_ttl", False),
+    ("BackAddrSubdomains", parse_bool, "subdomains", False),
+    ("BackList", parse_path, "backlist", False),
+    ("TimeoutSMTPConnect", parse_seconds, "timeout_connect", False),
+    ("TimeoutSMTPReply", parse_seconds, "timeout_reply", False),
+    ("BackVerifyTimeout", parse_seconds, "verify_timeout", False),
+    ("BackSkipVerify", parse_network, "skip_verify", True),
+    ("BackSkipLoopback", parse_bool, "skip_loopback", False),
+    ("BackSkipDaemon", parse_daemon, "skip_daemons", True),
+    ("BackSkipRecipient", parse_skip_recipient, "skip_recipients", True),
+    ("BackErrorTempfail", parse_bool, "error_tempfail", False),
+    ("UseMailertable", parse_bool, "use_mailertable", False),
+    ("Mailertable", parse_path, "mailertable", False),
+    ("PreferIPVersion", parse_ip_version, "prefer_ip_version", False),
+    ("BackSMTPBackoff", parse_int, "backoff", False),
+    ("Ehlo", parse_bool, "ehlo", False),
+    ("BitBucket", parse_bool, "bitbucket", False),
+    ("AllDomains", parse_bool, "all_domains", False),
+    ("BackMailFrom", parse_mail_from, "mail_from", False),
+    ("HeloName", parse_host, "helo_name", False),
+    ("BackCacheMax", lambda t: parse_int(t, 1), "cache_max", False),
+    ("BackListSaveInterval", parse_int, "save_interval", False),
+    ("BackRejectText", parse_reply_text, "reject_text", False),
+    ("LogLevel", parse_log_level, "log_level", False),
+    ("DNSServer", parse_dns_server, "dns_server", False),
+]}
+
+
+def default_helo_name() -> str:
+    """The host's fully qualified name, or its plain name when no FQDN is known."""
+    fqdn = socket.getfqdn()
+    return fqdn if "." in fqdn else socket.gethostname() or "localhost"
+
+
+def _split_line(path: str, lineno: int, raw: str) -> Optional[tuple[str, str]]:
+    """One config line -> (key, value), or None for blank and comment lines."""
+    line = raw.strip()
+    if not line or line.startswith("#"):
+        return None
+    if ":" not in line:
+        raise ConfigError(path, lineno, f'expected "Key: value", got "{line[:60]}"')
+    key, value = line.split(":", 1)
+    key, value = key.strip(), value.strip()
+    if not value:
+        raise ConfigError(path, lineno, f"{key}: no value given")
+    return key, value
+
+
+def parse_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
+    """Parse scam.conf text into a Config; raise ConfigError at the first bad line."""
+    values: dict[str, object] = {}
+    seen: dict[str, int] = {}
+    lists: dict[str, list] = {"skip_verify": [], "skip_daemons": [], "skip_recipients": []}
+    warnings: list[str] = []
+    domains: list[DomainRoute] = []
+    server: Optional[tuple[HostSpec, int]] = None   # current server and its line
+    server_used = True
+    port, port_line, port_used = 25, 0, True
+    last_server: Optional[str] = None
+
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        parsed = _split_line(path, lineno, raw)
+        if parsed is None:
+            continue
+        key, value = parsed
+        entry = KEYS.get(key.lower())
+        if entry is None:
+            raise ConfigError(path, lineno, f"{key}: unknown key (see scam.conf(5) for the keys)")
+        name, parser, fieldname, repeatable = entry
+        try:
+            parsed_value = parser(value)
+        except ValueError as exc:
+            raise ConfigError(path, lineno, f"{name}: {exc}") from None
+        if name == "BackSMTPServer":
+            if server is not None and not server_used:
+                warnings.append(f"{path}:{server[1]}: BackSMTPServer {server[0].host} is used by no "
+                                f"BackAddrDomain (line {lineno} replaces it)")
+            server, server_used, last_server = (HostSpec(parsed_value, port), lineno), False, parsed_value
+        elif name == "BackSMTPPort":
+            if not port_used:
+                warnings.append(f"{path}:{port_line}: BackSMTPPort {port} is used by no BackAddrDomain "
+                                f"(line {lineno} replaces it)")
+            port, port_line, port_used = parsed_value, lineno, False
+            if server is not None:
+                server = (HostSpec(server[0].host, port), server[1])
+        elif name == "BackAddrDomain":
+            if server is None:
+                raise ConfigError(path, lineno, "BackAddrDomain: no BackSMTPServer line before it; "
+                                  "put the server's BackSMTPServer line above this one")
+            domains.append(DomainRoute(parsed_value, (HostSpec(server[0].host, port),), lineno))
+            server_used = port_used = True
+        elif repeatable:
+            lists[fieldname].append(parsed_value)
+        else:
+            if fieldname in seen:
+                warnings.append(f"{path}:{lineno}: {name} repeats line {seen[fieldname]}; "
+                                "this later value is used")
+            seen[fieldname] = lineno
+            values[fieldname] = parsed_value
+
+    all_domains = bool(values.get("all_domains", False))
+    use_mailertable = bool(values.get("use_mailertable", False))
+    if all_domains:
+        if last_server is None:
+            raise ConfigError(path, 0, "AllDomains: yes needs a BackSMTPServer line naming the backend")
+        server_used = True
+    unused_note = "; BackSMTPPort also sets the port of mailertable routes" if use_mailertable else ""
+    if server is not None and not server_used and not use_mailertable:
+        warnings.append(f"{path}:{server[1]}: BackSMTPServer {server[0].host} is used by no BackAddrDomain "
+                        "after it (put BackAddrDomain lines after their server)")
+    if not port_used and not all_domains and not use_mailertable:
+        warnings.append(f"{path}:{port_line}: BackSMTPPort {port} is used by no BackAddrDomain after it "
+                        f"(it applies only to BackAddrDomain lines below it){unused_note}")
+    if not domains and not all_domains and not use_mailertable:
+        raise ConfigError(path, 0, "no domain is routed: add BackSMTPServer and BackAddrDomain lines, "
+                          "or AllDomains: yes, or UseMailertable: yes")
+
+    for fieldname, items in lists.items():
+        if items:
+            values[fieldname] = tuple(items)
+    if "helo_name" not in values:
+        values["helo_name"] = default_helo_name()
+    return Config(
+        path=path,
+        domains=tuple(domains),
+        all_domains_hosts=(HostSpec(last_server, port),) if all_domains and last_server else (),
+        smtp_port=port,
+        warnings=tuple(warnings),
+        **values,  # type: ignore[arg-type]
+    )
+
+
+def load(path: str = DEFAULT_CONFIG_PATH) -> Config:
+    """Read and parse a config file; a missing or unreadable file is a ConfigError too."""
+    try:
+        with open(path, encoding="utf-8", errors="strict") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise ConfigError(path, 0, "no such file; create it or give another with -f") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, 0, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(path, 0, f"cannot read: {exc.strerror}") from None
+    return parse_text(text, path)

@@ -1,0 +1,216 @@
+"""Run the milter: detach, drop privileges, pid file, cache load/save, periodic saves, libmilter."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import grp
+import importlib
+import logging
+import os
+import pwd
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import Milter
+
+from . import cache as cachemod
+from . import log as logmod
+from .config import Config
+from .milter import ScamBackMilter
+from .routing import Router
+from .verifier import Verifier
+
+log = logging.getLogger("scam-back")
+
+EX_OK, EX_USAGE, EX_NOUSER, EX_SOFTWARE, EX_OSERR, EX_CANTCREAT, EX_NOPERM, EX_CONFIG = \
+    0, 64, 67, 70, 71, 73, 77, 78
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+# Modules some libraries import lazily: load them while the code is still readable by root.
+WARM_IMPORTS = ("dns.rdtypes.IN.A", "dns.rdtypes.IN.AAAA", "dns.rdtypes.ANY.MX",
+                "dns.rdtypes.ANY.CNAME", "dns.rdtypes.ANY.SOA", "dns.rdtypes.ANY.NS",
+                "encodings.idna", "encodings.ascii", "encodings.utf_8", "encodings.latin_1")
+
+
+class StartupError(Exception):
+    """A reason not to start, with the sysexits code to leave with."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line chose."""
+
+    socket: str
+    config_path: str
+    user: Optional[str] = None
+    group: Optional[str] = None
+    cache_file: Optional[str] = None
+    pid_file: str = "/var/spool/scam/scam-back.pid"
+    detach: bool = False
+    milter_timeout: int = 0
+
+
+def lookup_ids(user: Optional[str], group: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+    """-u/-g -> (uid, gid); an unknown name is a StartupError (EX_NOUSER)."""
+    uid = gid = None
+    if user:
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise StartupError(f"-u {user}: no such user", EX_NOUSER) from None
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StartupError(f"-g {group}: no such group", EX_NOUSER) from None
+    return uid, gid
+
+
+def drop_privileges(user: Optional[str], uid: Optional[int], gid: Optional[int]) -> None:
+    """Become the -u user with exactly its groups; refuse to go on as root."""
+    if os.geteuid() == 0 and uid is not None and gid is not None and user:
+        os.initgroups(user, gid)
+        os.setgid(gid)
+        os.setuid(uid)
+    elif gid is not None and os.getegid() != gid:
+        os.setgid(gid)
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise StartupError("refusing to run as root: start it with -u USER, an unprivileged user "
+                           "that can write the socket, pid and cache directories", EX_NOPERM)
+
+
+def detach() -> None:
+    """Fork into the background: new session, cwd /, stdio on /dev/null."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+def write_pidfile(path: str) -> None:
+    """Write our pid; refuse if another live process holds the file."""
+    try:
+        with open(path) as handle:
+            old = int(handle.read().strip() or "0")
+        if old and old != os.getpid():
+            os.kill(old, 0)
+            raise StartupError(f"pid file {path} names running process {old}: another scam-back "
+                               "uses it (give each instance its own -P)", EX_CANTCREAT)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pass
+    except PermissionError:
+        raise StartupError(f"pid file {path} names a process of another user", EX_CANTCREAT) from None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+    except OSError as exc:
+        raise StartupError(f"cannot write pid file {path}: {exc.strerror} (make its directory "
+                           "writable by the -u user, or give another with -P)", EX_CANTCREAT) from None
+
+
+def check_socket(spec: str) -> None:
+    """A unix socket's directory must exist and be writable now (after the privilege drop)."""
+    kind, _, rest = spec.partition(":")
+    path = rest if kind in ("unix", "local") else (spec if not rest else "")
+    if path:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise StartupError(f"socket directory {directory} is not writable by this user "
+                               "(libmilter creates the socket after the privilege drop)", EX_CANTCREAT)
+
+
+class Saver:
+    """Saves the cache every BackListSaveInterval seconds in a thread that never takes signals."""
+
+    def __init__(self, cache: cachemod.VerdictCache, path: Optional[str], interval: int) -> None:
+        self.cache, self.path, self.interval = cache, path, interval
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        if not self.path or self.interval <= 0:
+            return
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self._thread = threading.Thread(target=self._run, name="cache-saver", daemon=True)
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            cachemod.save_file(self.cache, self.path)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def warm_imports() -> None:
+    """Import lazily loaded modules before the privilege drop may make them unreadable."""
+    for name in WARM_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+def serve(options: Options, config: Config, router: Router) -> int:
+    """Everything after the config is known good; returns the exit code."""
+    uid, gid = lookup_ids(options.user, options.group)
+    if os.geteuid() == 0 and uid in (None, 0):
+        raise StartupError("refusing to run as root: start it with -u USER, an unprivileged user "
+                           "that can write the socket, pid and cache directories", EX_NOPERM)
+    warm_imports()
+    if config.bitbucket:
+        log.warning("BitBucket is on: invalid recipients are accepted and silently removed; "
+                    "senders get no bounce for them")
+    if options.detach:
+        detach()
+        logmod.setup(config.log_level, stderr=False)
+    drop_privileges(options.user, uid, gid)
+    os.umask(0o117 if options.group else 0o177)
+    check_socket(options.socket)
+    write_pidfile(options.pid_file)
+    cache_path = config.backlist or options.cache_file
+    cache = cachemod.VerdictCache(config.valid_ttl, config.invalid_ttl, config.cache_max)
+    saver = Saver(cache, cache_path, config.save_interval)
+    try:
+        cachemod.load_file(cache, cache_path)
+        verifier = Verifier(config, router, cache)
+        Milter.factory = functools.partial(ScamBackMilter, verifier)
+        Milter.set_flags(Milter.DELRCPT if config.bitbucket else 0)
+        saver.start()
+        log.info("scam-back starting on %s as uid %d (config %s, cache %s)", options.socket,
+                 os.getuid(), config.path, cache_path or "none")
+        try:
+            Milter.runmilter("scam-back", options.socket, options.milter_timeout)
+        except Milter.error as exc:
+            log.error("libmilter failed on socket %s: %s", options.socket, exc)
+            return EX_OSERR
+        return EX_OK
+    finally:
+        saver.stop()
+        cachemod.save_file(cache, cache_path)
+        try:
+            os.unlink(options.pid_file)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("cannot remove pid file %s: %s", options.pid_file, exc.strerror)
+        log.info("Exit")

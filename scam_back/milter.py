@@ -1,0 +1,128 @@
+"""ScamBackMilter: the thin pymilter callback class; it reads macros, asks the verifier, replies."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+from typing import Any, Callable, Optional
+
+import Milter
+
+from .verdict import Kind
+from .verifier import Sessions, Verifier
+
+log = logging.getLogger("scam-back")
+
+TEMPFAIL_TEXT = "Recipient verification temporarily unavailable, try again later"
+SYNTAX_TEXT = "Bad recipient address syntax"
+ALL_INVALID_TEXT = "No valid recipients"
+
+
+def _guarded(callback: Callable[..., int]) -> Callable[..., int]:
+    """Log an internal error with its traceback and answer it like backend trouble."""
+    @functools.wraps(callback)
+    def wrapper(self: "ScamBackMilter", *args: Any) -> int:
+        try:
+            return callback(self, *args)
+        except Exception:
+            log.exception("internal error in %s; answered like backend trouble", callback.__name__)
+            return self.trouble()
+    return wrapper
+
+
+def client_ip(family: Any, hostaddr: Any) -> Optional[str]:
+    """The client's IP as text for AF_INET/AF_INET6, else None (unix socket, unknown family)."""
+    if family not in (socket.AF_INET, socket.AF_INET6) or not hostaddr:
+        return None
+    return hostaddr[0] if isinstance(hostaddr, tuple) else str(hostaddr)
+
+
+class ScamBackMilter(Milter.Base):
+    """One MTA connection: skip rules at connect, a verdict per RCPT, BitBucket at end of message."""
+
+    def __init__(self, verifier: Verifier) -> None:
+        self.verifier = verifier
+        self.config = verifier.config
+        self.sessions = Sessions()
+        self.authenticated = False
+        self.invalid: list[str] = []
+        self.others = 0
+
+    def trouble(self) -> int:
+        """Backend trouble: accept unverified, or 451 4.4.3 with BackErrorTempfail."""
+        if self.config.error_tempfail:
+            self.setreply("451", "4.4.3", TEMPFAIL_TEXT)
+            return Milter.TEMPFAIL
+        return Milter.CONTINUE
+
+    @_guarded
+    def connect(self, hostname: str, family: Any, hostaddr: Any) -> int:
+        reason = self.verifier.skip_client(client_ip(family, hostaddr),
+                                           self.getsymval("{daemon_name}"))
+        if reason:
+            log.debug("connection from %s [%s] not verified: %s", hostname, hostaddr, reason)
+            return Milter.ACCEPT
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def envfrom(self, mailfrom: str, *params: str) -> int:
+        try:
+            self.sessions.end_transaction()
+            self.invalid, self.others = [], 0
+            self.authenticated = bool(self.getsymval("{auth_authen}"))
+        except Exception:
+            log.exception("internal error in envfrom")
+        return Milter.CONTINUE
+
+    @_guarded
+    def envrcpt(self, to: str, *params: str) -> int:
+        if self.authenticated:
+            self.others += 1
+            return Milter.CONTINUE
+        rcpt = self.getsymval("{rcpt_addr}") or to
+        verdict = self.verifier.verify(rcpt, self.sessions, self.getsymval("i") or "")
+        if verdict.kind is Kind.INVALID:
+            if self.config.bitbucket:
+                if rcpt not in self.invalid:
+                    self.invalid.append(rcpt)
+                return Milter.CONTINUE
+            self.setreply("550", "5.1.1", self.config.reject_text)
+            return Milter.REJECT
+        if verdict.kind is Kind.BAD_SYNTAX:
+            self.setreply("550", "5.1.3", SYNTAX_TEXT)
+            return Milter.REJECT
+        result = self.trouble() if verdict.kind is Kind.TROUBLE else Milter.CONTINUE
+        if result == Milter.CONTINUE:
+            self.others += 1
+        return result
+
+    @_guarded
+    def eom(self) -> int:
+        invalid, others = self.invalid, self.others
+        self.sessions.end_transaction()
+        self.invalid, self.others = [], 0
+        if not invalid:
+            return Milter.CONTINUE
+        if not others:
+            log.info("qid=%s BitBucket: every recipient is invalid, message rejected",
+                     self.getsymval("i") or "-")
+            self.setreply("550", "5.1.1", ALL_INVALID_TEXT)
+            return Milter.REJECT
+        for rcpt in invalid:
+            self.delrcpt(rcpt)
+        log.info("qid=%s BitBucket: removed %d invalid recipients", self.getsymval("i") or "-",
+                 len(invalid))
+        return Milter.CONTINUE
+
+    def abort(self) -> int:
+        self.sessions.end_transaction()
+        self.invalid, self.others = [], 0
+        return Milter.CONTINUE
+
+    def close(self) -> int:
+        try:
+            self.sessions.close()
+        except Exception:
+            log.exception("internal error closing backend sessions")
+        return Milter.CONTINUE

@@ -1,0 +1,83 @@
+"""Recipient domain -> Route: exact domains, whole-label subdomains, AllDomains, mailertable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from . import mailertable
+from .config import Config, ConfigError, HostSpec
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a domain's recipients are verified: the matched key and the hosts, in order."""
+
+    key: str
+    hosts: tuple[HostSpec, ...]
+
+    def __str__(self) -> str:
+        return ",".join(str(h) for h in self.hosts)
+
+
+def normalise_domain(domain: str) -> str:
+    """Lower-case, without trailing dots, so "Example.NET." and "example.net" are one domain."""
+    return domain.rstrip(".").lower()
+
+
+class Router:
+    """Answers "which backend verifies this domain?" in O(number of labels)."""
+
+    def __init__(self, config: Config, table: Optional[list[mailertable.TableRoute]] = None) -> None:
+        self.subdomains = config.subdomains
+        self.exact: dict[str, Route] = {}
+        self.dotted: dict[str, Route] = {}
+        self.catchall: Optional[Route] = None
+        for entry in table or ():
+            if entry.key == ".":
+                self.catchall = Route(".", entry.hosts)
+            elif entry.subdomains_only:
+                self.dotted.setdefault(entry.key[1:], Route(entry.key, entry.hosts))
+            else:
+                self.exact.setdefault(entry.key, Route(entry.key, entry.hosts))
+        # The original checks later BackAddrDomain lines first, so a later line wins.
+        for dom in config.domains:
+            self.exact[dom.domain] = Route(dom.domain, dom.hosts)
+        if config.all_domains:
+            self.catchall = Route("*", config.all_domains_hosts)
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.dotted or self.catchall)
+
+    def route(self, domain: str) -> Optional[Route]:
+        """The route for a domain, the most specific match first; None if it is not verified."""
+        domain = normalise_domain(domain)
+        if not domain:
+            return None
+        found = self.exact.get(domain)
+        if found:
+            return found
+        labels = domain.split(".")
+        for i in range(1, len(labels)):
+            parent = ".".join(labels[i:])
+            found = self.dotted.get(parent)
+            if found:
+                return found
+            if self.subdomains:
+                found = self.exact.get(parent)
+                if found:
+                    return found
+        return self.catchall
+
+
+def build(config: Config) -> tuple[Router, list[str]]:
+    """The Router for a config, reading the mailertable when asked; warnings returned."""
+    table: list[mailertable.TableRoute] = []
+    warnings: list[str] = []
+    if config.use_mailertable:
+        table, warnings = mailertable.load(config.mailertable, config.smtp_port)
+    router = Router(config, table)
+    if not router:
+        raise ConfigError(config.mailertable, 0, "the mailertable routes no domain over SMTP, and the "
+                          "config has no BackAddrDomain: nothing would be verified")
+    return router, warnings

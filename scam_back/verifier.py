@@ -1,0 +1,189 @@
+"""Verifier.verify(address) -> Verdict: address rules, route, cache, then the backend."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from typing import Callable, Optional
+
+from . import address as addr
+from .backend import BackendError, BackendSession, SessionSettings
+from .cache import VerdictCache
+from .config import Config, HostSpec
+from .resolve import Resolver
+from .routing import Route, Router
+from .verdict import Kind, Verdict, classify
+
+log = logging.getLogger("scam-back")
+
+
+class Sessions:
+    """The backend sessions of one MTA connection: one per backend, reused across transactions."""
+
+    def __init__(self) -> None:
+        self._by_route: dict[tuple[HostSpec, ...], BackendSession] = {}
+
+    def get(self, route: Route) -> Optional[BackendSession]:
+        session = self._by_route.get(route.hosts)
+        return session if session is not None and session.is_open else None
+
+    def put(self, route: Route, session: BackendSession) -> None:
+        self._by_route[route.hosts] = session
+
+    def end_transaction(self) -> None:
+        """The MTA's transaction ended: each backend gets RSET before its next MAIL FROM."""
+        for session in self._by_route.values():
+            session.reset()
+
+    def close(self) -> None:
+        """QUIT every backend; called when the MTA connection closes."""
+        for session in self._by_route.values():
+            session.close()
+        self._by_route.clear()
+
+
+class Backoff:
+    """Per-address memory of failed connects: skip that address for BackSMTPBackoff seconds."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
+        self.seconds, self.clock = seconds, clock
+        self._until: dict[tuple[str, int], float] = {}
+        self._lock = threading.Lock()
+
+    def blocked(self, key: tuple[str, int]) -> bool:
+        with self._lock:
+            until = self._until.get(key)
+        return until is not None and self.clock() < until
+
+    def failed(self, key: tuple[str, int], label: str, why: str) -> None:
+        if self.seconds <= 0:
+            return
+        with self._lock:
+            first = key not in self._until
+            self._until[key] = self.clock() + self.seconds
+        if first:
+            log.warning("backend %s unreachable (%s): skipped for %d s (BackSMTPBackoff)",
+                        label, why, self.seconds)
+
+    def succeeded(self, key: tuple[str, int], label: str) -> None:
+        with self._lock:
+            was = self._until.pop(key, None)
+        if was is not None:
+            log.info("backend %s reachable again", label)
+
+
+class Verifier:
+    """Decides about one recipient; shared by every MTA connection (thread-safe)."""
+
+    def __init__(self, config: Config, router: Router, cache: VerdictCache,
+                 resolver: Optional[Resolver] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config, self.router, self.cache, self.clock = config, router, cache, clock
+        self.resolver = resolver or Resolver(config.dns_server, config.prefer_ip_version,
+                                             lifetime=min(3.0, config.verify_timeout))
+        self.settings = SessionSettings(config.helo_name, config.probe_sender, config.ehlo,
+                                        config.timeout_connect, config.timeout_reply)
+        self.backoff = Backoff(config.backoff, clock)
+        self.skip_daemons = frozenset(d.lower() for d in config.skip_daemons)
+        self.skip_recipients = frozenset(r.lower() for r in config.skip_recipients)
+
+    def skip_client(self, ip: Optional[str], daemon_name: Optional[str]) -> str:
+        """Why a connection is not verified ("" if it is): unix socket, loopback, skip list, daemon."""
+        if ip is None:
+            return "not an IP connection"
+        try:
+            client = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return f"unparsable client address {ip!r}"
+        if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped:
+            client = client.ipv4_mapped
+        if self.config.skip_loopback and client.is_loopback:
+            return "loopback (BackSkipLoopback)"
+        for network in self.config.skip_verify:
+            if client.version == network.version and client in network:
+                return f"BackSkipVerify {network}"
+        if daemon_name and daemon_name.lower() in self.skip_daemons:
+            return f"BackSkipDaemon {daemon_name}"
+        return ""
+
+    def verify(self, raw: str, sessions: Sessions, qid: str = "") -> Verdict:
+        """The verdict for one RCPT address, logged as one line."""
+        start = time.monotonic()
+        verdict = self._decide(raw, sessions, start)
+        verdict = Verdict(verdict.kind, verdict.source, verdict.backend, verdict.reply,
+                          int((time.monotonic() - start) * 1000))
+        log.info("qid=%s rcpt=<%s> backend=%s verdict=%s source=%s reply=\"%s\" ms=%d",
+                 qid or "-", raw.strip("<>")[:300].encode("unicode_escape").decode("ascii"),
+                 verdict.backend, verdict.kind.value, verdict.source, verdict.reply, verdict.ms)
+        return verdict
+
+    def _decide(self, raw: str, sessions: Sessions, start: float) -> Verdict:
+        try:
+            address = addr.parse(raw)
+        except addr.AddressError as exc:
+            return Verdict(Kind.BAD_SYNTAX, "rule", reply=str(exc))
+        if address.local.lower() in self.skip_recipients or \
+                address.text.lower() in self.skip_recipients:
+            return Verdict(Kind.SKIPPED, "rule", reply="BackSkipRecipient")
+        route = None if address.is_literal else self.router.route(address.domain)
+        if route is None:
+            return Verdict(Kind.SKIPPED, "rule", reply="domain not routed")
+        if address.is_utf8:
+            return Verdict(Kind.SKIPPED, "rule", str(route), "SMTPUTF8 address, not verified")
+        hit = self.cache.get(address.text)
+        if hit is not None:
+            kind = Kind.VALID if hit.valid else Kind.INVALID
+            return Verdict(kind, "cache", str(route), f"cached, expires in {int(hit.expires_in)} s")
+        verdict = self._probe(route, address.text, sessions, start + self.config.verify_timeout)
+        if verdict.kind in (Kind.VALID, Kind.INVALID):
+            self.cache.put(address.text, verdict.kind is Kind.VALID)
+        return verdict
+
+    def _ask(self, session: BackendSession, address: str, deadline: float) -> Verdict:
+        code, text = session.rcpt(address, deadline)
+        first = text.splitlines()[0] if text else ""
+        kind = classify(code, text, self.settings.mail_from)
+        return Verdict(kind, "backend", session.label, f"{code} {first}"[:200])
+
+    def _probe(self, route: Route, address: str, sessions: Sessions, deadline: float) -> Verdict:
+        """Ask the route's backend, reusing this connection's session, failing over in order."""
+        session = sessions.get(route)
+        if session is not None:
+            try:
+                return self._ask(session, address, deadline)
+            except BackendError as exc:
+                if exc.kind != "closed":
+                    return Verdict(Kind.TROUBLE, "backend", session.label, str(exc))
+                # A kept-open session the backend has since closed: open a fresh one below.
+        errors: list[str] = []
+        label = str(route)
+        for spec in route.hosts:
+            for host, port in self.resolver.addresses(spec):
+                key = (host, port)
+                session = BackendSession(host, port, self.settings)
+                label = session.label
+                if self.backoff.blocked(key):
+                    errors.append(f"{label} in backoff")
+                    continue
+                try:
+                    session.open(deadline)
+                except BackendError as exc:
+                    errors.append(f"{label} {exc}")
+                    if exc.kind == "connect":
+                        self.backoff.failed(key, label, exc.detail)
+                    if time.monotonic() >= deadline:
+                        return Verdict(Kind.TROUBLE, "backend", label, "; ".join(errors))
+                    continue
+                self.backoff.succeeded(key, label)
+                sessions.put(route, session)
+                try:
+                    return self._ask(session, address, deadline)
+                except BackendError as exc:
+                    errors.append(f"{label} {exc}")
+                    if time.monotonic() >= deadline:
+                        break
+        if not errors:
+            errors.append(f"no address found for {route}")
+        return Verdict(Kind.TROUBLE, "backend", label, "; ".join(errors)[:300])
