@@ -52,7 +52,8 @@ def make_verifier(text: str, cache: Optional[VerdictCache] = None) -> Verifier:
     """A Verifier for config text (no mailertable)."""
     config = make_config(text)
     router = routing.Router(config)
-    cache = cache or VerdictCache(config.valid_ttl, config.invalid_ttl, config.cache_max)
+    if cache is None:
+        cache = VerdictCache(config.valid_ttl, config.invalid_ttl, config.cache_max)
     return Verifier(config, router, cache)
 
 

@@ -1,0 +1,263 @@
+"""The verifier against real and scripted SMTP backends on 127.0.0.1: dialogue, faults, routes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from scam_back import routing
+from scam_back.cache import VerdictCache
+from scam_back.verdict import Kind
+from scam_back.verifier import Sessions, Verifier
+
+from .conftest import backend_conf, make_config, make_verifier
+from .dnsserver import DNSServer
+from .smtpbackend import Backend, ScriptedBackend, refused_port
+
+PROBE = "MAIL FROM:<postmaster+backscatter@mx.test.example>"
+
+
+def scripted_conf(server: ScriptedBackend, extra: str = "") -> str:
+    return (f"BackSMTPPort: {server.port}\nBackSMTPServer: 127.0.0.1\nBackAddrDomain: example.net\n"
+            "TimeoutSMTPConnect: 1\nTimeoutSMTPReply: 1\n" + extra)
+
+
+def verify(verifier: Verifier, address: str, sessions: Sessions | None = None):
+    return verifier.verify(address, sessions or Sessions())
+
+
+def test_dialogue_is_ehlo_mail_rcpt_and_quit(backend):
+    verifier = make_verifier(backend_conf(backend))
+    sessions = Sessions()
+    assert verify(verifier, "good@example.net", sessions).kind is Kind.VALID
+    sessions.close()
+    assert backend.wait_line("QUIT")
+    assert backend.transcript == ["EHLO mx.test.example", PROBE, "RCPT TO:<good@example.net>", "QUIT"]
+
+
+def test_ehlo_no_sends_helo(backend):
+    verifier = make_verifier(backend_conf(backend, "Ehlo: no\n"))
+    assert verify(verifier, "good@example.net").kind is Kind.VALID
+    assert backend.transcript[0] == "HELO mx.test.example"
+
+
+def test_refused_ehlo_falls_back_to_helo(backend):
+    backend.ehlo_reply = "502 5.5.2 EHLO not supported"
+    verifier = make_verifier(backend_conf(backend))
+    assert verify(verifier, "good@example.net").kind is Kind.VALID
+    assert backend.transcript[:2] == ["EHLO mx.test.example", "HELO mx.test.example"]
+
+
+def test_backmailfrom_changes_the_probe_sender_and_allows_null(backend):
+    verifier = make_verifier(backend_conf(backend, "BackMailFrom: <>\n"))
+    assert verify(verifier, "good@example.net").kind is Kind.VALID
+    assert "MAIL FROM:<>" in backend.transcript
+
+
+@pytest.mark.parametrize("attr", ["helo_reply", "mail_reply"])
+def test_refused_helo_or_mail_from_is_trouble_never_a_verdict(backend, attr):
+    """Weakness 4: the original ignored these refusals and sent RCPT anyway."""
+    backend.ehlo_reply = "550 go away"
+    setattr(backend, attr, "550 5.7.1 go away")
+    cache = VerdictCache(86400, 3000)
+    verifier = make_verifier(backend_conf(backend), cache)
+    assert verify(verifier, "bad@example.net").kind is Kind.TROUBLE
+    assert len(cache) == 0
+    assert not any(line.startswith("RCPT") for line in backend.transcript)
+
+
+def test_sender_refused_at_rcpt_stage_is_not_cached_as_invalid(backend):
+    """Postfix delays a sender rejection to RCPT: that says nothing about the recipient."""
+    backend.set_rcpt_reply("good@example.net", "550 5.1.0 <postmaster+backscatter@mx.test.example>: "
+                           "Sender address rejected: Domain not found")
+    cache = VerdictCache(86400, 3000)
+    verifier = make_verifier(backend_conf(backend), cache)
+    assert verify(verifier, "good@example.net").kind is Kind.TROUBLE
+    assert cache.get("good@example.net") is None
+
+
+@pytest.mark.parametrize("reply", ["450 4.2.0 greylisted", "452 4.5.3 too many recipients",
+                                   "550 5.7.1 relay access denied", "554 5.7.1 blocked"])
+def test_temporary_and_policy_replies_are_trouble_and_not_cached(backend, reply):
+    """Weakness 8: only a real "no such mailbox" is invalid."""
+    backend.set_rcpt_reply("x@example.net", reply)
+    cache = VerdictCache(86400, 3000)
+    verifier = make_verifier(backend_conf(backend), cache)
+    assert verify(verifier, "x@example.net").kind is Kind.TROUBLE
+    assert len(cache) == 0
+
+
+def test_verdicts_are_cached_both_ways(backend):
+    cache = VerdictCache(86400, 3000)
+    verifier = make_verifier(backend_conf(backend), cache)
+    verify(verifier, "good@example.net")
+    verify(verifier, "bad@example.net")
+    assert cache.get("GOOD@example.net").valid is True
+    assert cache.get("bad@EXAMPLE.net").valid is False
+    backend.clear()
+    verdict = verify(verifier, "good@example.net")
+    assert verdict.source == "cache" and backend.connections == 0
+
+
+def test_multiline_banner_and_ehlo_sent_in_pieces_are_read_whole():
+    """Weakness 3: a reply split over packets must not shift later replies."""
+    banner = [(0.0, b"220-first\r\n"), (0.05, b"220-second\r\n"), (0.05, b"220 last\r\n")]
+    ehlo = [(0.0, b"250-one\r\n"), (0.05, b"250-two\r\n"), (0.05, b"250 three\r\n")]
+    with ScriptedBackend(banner, {"EHLO": ehlo, "RCPT": b"550 5.1.1 no such user\r\n"}) as server:
+        verifier = make_verifier(scripted_conf(server))
+        assert verify(verifier, "bad@example.net").kind is Kind.INVALID
+
+
+@pytest.mark.parametrize("stall", ["EHLO", "MAIL", "RCPT"])
+def test_stall_after_any_step_answers_within_the_reply_timeout(stall):
+    """Weakness 5: the original waited 2000 s for HELO/MAIL replies."""
+    with ScriptedBackend(replies={stall: "hang"}) as server:
+        verifier = make_verifier(scripted_conf(server))
+        started = time.monotonic()
+        verdict = verify(verifier, "x@example.net")
+        elapsed = time.monotonic() - started
+    assert verdict.kind is Kind.TROUBLE
+    assert elapsed < 1 + 1.5
+
+
+def test_banner_never_sent_is_trouble_within_timeouts():
+    with ScriptedBackend(accept_but_never_banner=True) as server:
+        verifier = make_verifier(scripted_conf(server))
+        started = time.monotonic()
+        assert verify(verifier, "x@example.net").kind is Kind.TROUBLE
+        assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.parametrize("banner", [b"421 busy\r\n", b"554 no service\r\n", "close"])
+def test_bad_banner_is_trouble(banner):
+    with ScriptedBackend(banner) as server:
+        verifier = make_verifier(scripted_conf(server))
+        assert verify(verifier, "x@example.net").kind is Kind.TROUBLE
+
+
+@pytest.mark.parametrize("reply", [b"garbage\r\n", b"250" + b"x" * 9000 + b"\r\n", "close"])
+def test_garbage_or_closed_rcpt_reply_is_trouble(reply):
+    with ScriptedBackend(replies={"RCPT": reply}) as server:
+        cache = VerdictCache(86400, 3000)
+        verifier = make_verifier(scripted_conf(server), cache)
+        assert verify(verifier, "x@example.net").kind is Kind.TROUBLE
+        assert len(cache) == 0
+
+
+def test_verify_timeout_caps_the_whole_verification_across_hosts():
+    with ScriptedBackend(replies={"MAIL": "hang"}) as s1, \
+            ScriptedBackend(replies={"MAIL": "hang"}) as s2:
+        text = ("TimeoutSMTPConnect: 1\nTimeoutSMTPReply: 2\nBackVerifyTimeout: 1.5\n"
+                "UseMailertable: no\nAllDomains: yes\nBackSMTPServer: 127.0.0.1\n")
+        config = make_config(text)
+        router = routing.Router(config)
+        router.catchall = routing.Route("*", (
+            routing.HostSpec("127.0.0.1", s1.port), routing.HostSpec("127.0.0.1", s2.port)))
+        verifier = Verifier(config, router, VerdictCache(86400, 3000))
+        started = time.monotonic()
+        assert verify(verifier, "x@example.net").kind is Kind.TROUBLE
+        assert time.monotonic() - started < 1.5 + 0.5
+
+
+def test_failed_first_host_fails_over_to_the_next(backend, tmp_path):
+    table = tmp_path / "mailertable"
+    table.write_text(f"example.net esmtp:[127.0.0.1]:{refused_port()}:[127.0.0.1]:{backend.port}\n")
+    config = make_config(f"UseMailertable: yes\nMailertable: {table}\n")
+    router, _ = routing.build(config)
+    verifier = Verifier(config, router, VerdictCache(86400, 3000))
+    assert verify(verifier, "bad@example.net").kind is Kind.INVALID
+
+
+def test_backoff_is_per_backend_address(backend):
+    """Weakness 11: one dead backend must not stop verification at another."""
+    dead = refused_port()
+    text = (f"BackSMTPServer: 127.0.0.1\nBackSMTPPort: {dead}\nBackAddrDomain: dead.test\n"
+            f"BackSMTPPort: {backend.port}\nBackAddrDomain: example.net\nBackSMTPBackoff: 60\n")
+    verifier = make_verifier(text)
+    assert verify(verifier, "x@dead.test").kind is Kind.TROUBLE
+    assert verifier.backoff.blocked(("127.0.0.1", dead))
+    assert verify(verifier, "bad@example.net").kind is Kind.INVALID
+
+
+def test_backoff_skips_a_failed_address_then_tries_it_again(backend):
+    text = backend_conf(backend, "BackSMTPBackoff: 60\n")
+    now = [1000.0]
+    config = make_config(text)
+    verifier = Verifier(config, routing.Router(config), VerdictCache(86400, 3000), clock=lambda: now[0])
+    key = ("127.0.0.1", backend.port)
+    verifier.backoff.failed(key, "test", "simulated")
+    assert verify(verifier, "bad@example.net").reply.endswith("in backoff")
+    assert backend.connections == 0
+    now[0] += 61
+    assert verify(verifier, "bad@example.net").kind is Kind.INVALID
+
+
+def test_crlf_in_address_never_reaches_the_backend(backend):
+    """Weakness 6: CR/LF smuggled RSET and MAIL FROM into the original's backend session."""
+    verifier = make_verifier(backend_conf(backend))
+    sessions = Sessions()
+    verify(verifier, "good@example.net", sessions)
+    for evil in ("a@example.net\r\nRSET\r\nMAIL FROM:<evil@x>", "a@example.net>x", "a\x00@example.net",
+                 "a" * 250 + "@example.net", "a b@example.net"):
+        assert verify(verifier, evil, sessions).kind is Kind.BAD_SYNTAX
+    assert backend.transcript == ["EHLO mx.test.example", PROBE, "RCPT TO:<good@example.net>"]
+
+
+def test_idle_session_closed_by_backend_is_reopened(backend):
+    verifier = make_verifier(backend_conf(backend))
+    sessions = Sessions()
+    verify(verifier, "good@example.net", sessions)
+    route = verifier.router.route("example.net")
+    sessions.get(route)._smtp.sock.close()   # simulate the backend dropping an idle session
+    assert verify(verifier, "bad@example.net", sessions).kind is Kind.INVALID
+
+
+def test_bare_mailertable_host_is_looked_up_by_mx_in_preference_order(backend, tmp_path):
+    with DNSServer(mx={"mail.test": [(20, "mx2.mail.test"), (10, "mx1.mail.test")]},
+                   a={"mx1.mail.test": ["127.0.0.1"], "mx2.mail.test": ["127.0.0.2"]}) as dns:
+        table = tmp_path / "mailertable"
+        table.write_text("example.net esmtp:mail.test\n")
+        config = make_config(f"UseMailertable: yes\nMailertable: {table}\n"
+                             f"BackSMTPPort: {backend.port}\nDNSServer: 127.0.0.1:{dns.port}\n")
+        router, _ = routing.build(config)
+        verifier = Verifier(config, router, VerdictCache(86400, 3000))
+        assert verify(verifier, "bad@example.net").kind is Kind.INVALID
+        assert verifier.resolver.addresses(router.route("example.net").hosts[0]) == [
+            ("127.0.0.1", backend.port), ("127.0.0.2", backend.port)]
+        assert ("mail.test", "MX") in dns.queries
+
+
+def test_backend_server_name_tries_all_its_addresses(backend):
+    with DNSServer(a={"inner.test": ["127.0.0.3", "127.0.0.1"]}) as dns:
+        text = (f"BackSMTPServer: inner.test\nBackSMTPPort: {backend.port}\nBackAddrDomain: example.net\n"
+                f"DNSServer: 127.0.0.1:{dns.port}\nTimeoutSMTPConnect: 0.5\n")
+        verifier = make_verifier(text)
+        # 127.0.0.3 has nothing listening on the port: refused, then the next address answers.
+        assert verify(verifier, "bad@example.net").kind is Kind.INVALID
+
+
+def test_ipv6_backend_literal(tmp_path):
+    with Backend(users={"good@example.net"}, host="::1") as server:
+        verifier = make_verifier(f"BackSMTPServer: ::1\nBackSMTPPort: {server.port}\n"
+                                 "BackAddrDomain: example.net\n")
+        assert verify(verifier, "good@example.net").kind is Kind.VALID
+        assert verify(verifier, "bad@example.net").kind is Kind.INVALID
+
+
+def test_verdict_log_line_names_recipient_backend_verdict_source_and_ms(backend, caplog):
+    verifier = make_verifier(backend_conf(backend))
+    with caplog.at_level("INFO", logger="scam-back"):
+        verifier.verify("bad@example.net", Sessions(), qid="ABC123")
+    line = [r.getMessage() for r in caplog.records if "rcpt=" in r.getMessage()][-1]
+    for part in ("qid=ABC123", "rcpt=<bad@example.net>", f"backend=127.0.0.1:{backend.port}",
+                 "verdict=invalid", "source=backend", "ms="):
+        assert part in line
+
+
+def test_debug_log_level_logs_every_backend_command_and_reply(backend, caplog):
+    verifier = make_verifier(backend_conf(backend))
+    with caplog.at_level("DEBUG", logger="scam-back"):
+        verify(verifier, "good@example.net")
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert ">>> RCPT TO:<good@example.net>" in text and "<<< 250" in text
