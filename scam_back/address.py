@@ -72,6 +72,8 @@ def parse(raw: str) -> Address:
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1]
     text = SOURCE_ROUTE.sub("", text)
+    if "<" in text or ">" in text:
+        raise AddressError("angle bracket inside the address")
     if not text:
         raise AddressError("empty address")
     if len(text.encode("utf-8", "surrogateescape")) > MAX_ADDRESS_OCTETS:

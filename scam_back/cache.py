@@ -107,6 +107,7 @@ class VerdictCache:
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o600)
             os.replace(tmp, path)
+            _fsync_dir(directory)
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -131,16 +132,29 @@ class VerdictCache:
                         malformed += 1
                     continue
                 address, valid, expiry = parsed
-                if expiry is None:
-                    expires = now + (self.valid_ttl if valid else self.invalid_ttl)
-                else:
-                    expires = now + (expiry - wall)
+                ttl = self.valid_ttl if valid else self.invalid_ttl
+                # Never longer than today's TTL: a shortened TTL or an edited file cannot pin it.
+                expires = now + (ttl if expiry is None else min(expiry - wall, ttl))
                 if expires <= now:
                     expired += 1
                     continue
                 self._store(address.lower(), valid, expires)
                 loaded += 1
         return LoadResult(loaded, expired, malformed)
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the rename durable; not every file system allows it, and that is not an error."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _lines(entries: list[tuple[str, bool, float]]) -> Iterator[str]:

@@ -297,7 +297,8 @@ def _split_line(path: str, lineno: int, raw: str) -> Optional[tuple[str, str]]:
     if not line or line.startswith("#"):
         return None
     if ":" not in line:
-        raise ConfigError(path, lineno, f'expected "Key: value", got "{line[:60]}"')
+        raise ConfigError(path, lineno, f'{line.split()[0][:40]}: expected "Key: value", '
+                          f'got "{line[:60]}"')
     key, value = line.split(":", 1)
     key, value = key.strip(), value.strip()
     if not value:

@@ -1,0 +1,376 @@
+"""VerdictCache: TTLs, case, LRU bound, persistence in the original's format, atomic save."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+import sys
+import threading
+
+import pytest
+
+from scam_back import cache as cachemod
+from scam_back.cache import LoadResult, VerdictCache
+
+WALL = 1_700_000_000.0      # a fixed Unix time for the injected wall clock
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make(valid_ttl: float = 100, invalid_ttl: float = 10, max_entries: int = 1000,
+         clock: FakeClock | None = None, wall: FakeClock | None = None) -> VerdictCache:
+    return VerdictCache(valid_ttl, invalid_ttl, max_entries,
+                        clock=clock or FakeClock(5000.0), wallclock=wall or FakeClock(WALL))
+
+
+# ---- TTLs and keys ----
+
+def test_valid_verdict_is_cached():
+    cache = make()
+    cache.put("good@example.net", True)
+    assert cache.get("good@example.net").valid is True
+
+
+def test_invalid_verdict_is_cached():
+    cache = make()
+    cache.put("bad@example.net", False)
+    assert cache.get("bad@example.net").valid is False
+
+
+def test_unknown_address_is_a_miss():
+    assert make().get("nobody@example.net") is None
+
+
+def test_invalid_ttl_expires_before_valid_ttl():
+    clock = FakeClock(5000.0)
+    cache = make(valid_ttl=100, invalid_ttl=10, clock=clock)
+    cache.put("good@example.net", True)
+    cache.put("bad@example.net", False)
+    clock.advance(10)
+    assert (cache.get("bad@example.net"), cache.get("good@example.net").valid) == (None, True)
+
+
+def test_valid_ttl_expires_independently_of_invalid_ttl():
+    clock = FakeClock(5000.0)
+    cache = make(valid_ttl=10, invalid_ttl=100, clock=clock)
+    cache.put("good@example.net", True)
+    cache.put("bad@example.net", False)
+    clock.advance(10)
+    assert (cache.get("good@example.net"), cache.get("bad@example.net").valid) == (None, False)
+
+
+def test_entry_lives_until_its_ttl_then_expires():
+    clock = FakeClock(5000.0)
+    cache = make(valid_ttl=100, clock=clock)
+    cache.put("good@example.net", True)
+    clock.advance(99)
+    assert cache.get("good@example.net").expires_in == pytest.approx(1)
+    clock.advance(1)
+    assert cache.get("good@example.net") is None
+
+
+def test_expired_entry_is_dropped_on_lookup():
+    clock = FakeClock(5000.0)
+    cache = make(valid_ttl=100, clock=clock)
+    cache.put("good@example.net", True)
+    clock.advance(200)
+    cache.get("good@example.net")
+    assert len(cache) == 0
+
+
+def test_keys_are_case_insensitive():
+    cache = make()
+    cache.put("Bad@Example.NET", False)
+    assert cache.get("bad@example.net").valid is False
+
+
+def test_later_verdict_replaces_earlier_for_same_address_any_case():
+    cache = make()
+    cache.put("User@example.net", False)
+    cache.put("user@EXAMPLE.net", True)
+    assert (len(cache), cache.get("user@example.net").valid) == (1, True)
+
+
+def test_valid_ttl_zero_means_valid_not_cached():
+    cache = make(valid_ttl=0)
+    cache.put("good@example.net", True)
+    assert cache.get("good@example.net") is None
+
+
+def test_invalid_ttl_zero_means_invalid_not_cached():
+    cache = make(invalid_ttl=0)
+    cache.put("bad@example.net", False)
+    assert cache.get("bad@example.net") is None
+
+
+# ---- LRU bound ----
+
+def test_bound_evicts_least_recently_used():
+    cache = make(max_entries=3)
+    for name in "abcd":
+        cache.put(f"{name}@example.net", True)
+    assert (len(cache), cache.get("a@example.net")) == (3, None)
+
+
+def test_get_refreshes_recency():
+    cache = make(max_entries=3)
+    for name in "abc":
+        cache.put(f"{name}@example.net", True)
+    cache.get("a@example.net")
+    cache.put("d@example.net", True)
+    assert (cache.get("a@example.net") is not None, cache.get("b@example.net")) == (True, None)
+
+
+# ---- persistence ----
+
+def test_save_writes_code_address_and_unix_expiry(tmp_path):
+    clock = FakeClock(5000.0)
+    cache = make(valid_ttl=100, invalid_ttl=10, clock=clock)
+    cache.put("good@example.net", True)
+    cache.put("bad@example.net", False)
+    clock.advance(4)
+    path = tmp_path / "backscatter.txt"
+    cache.save(str(path))
+    assert sorted(path.read_text().splitlines()) == sorted([
+        f"0 good@example.net {int(WALL + 96)}", f"1 bad@example.net {int(WALL + 6)}"])
+
+
+def test_save_load_round_trip_keeps_verdicts(tmp_path):
+    path = str(tmp_path / "backscatter.txt")
+    first = make()
+    first.put("good@example.net", True)
+    first.put("bad@example.net", False)
+    first.save(path)
+    second = make()
+    second.load(path)
+    assert (second.get("good@example.net").valid, second.get("bad@example.net").valid) == (True, False)
+
+
+def test_save_load_round_trip_keeps_remaining_lifetime(tmp_path):
+    path = str(tmp_path / "backscatter.txt")
+    clock = FakeClock(5000.0)
+    first = make(valid_ttl=100, clock=clock, wall=FakeClock(WALL))
+    first.put("good@example.net", True)
+    clock.advance(30)                       # 70 s left at save time
+    first.save(path)
+    # Restart 10 s later (wall clock), with an unrelated monotonic clock.
+    second = make(valid_ttl=100, clock=FakeClock(123.0), wall=FakeClock(WALL + 10))
+    second.load(path)
+    assert second.get("good@example.net").expires_in == pytest.approx(60)
+
+
+def test_save_returns_the_number_of_entries_written(tmp_path):
+    cache = make()
+    cache.put("a@example.net", True)
+    cache.put("b@example.net", False)
+    assert cache.save(str(tmp_path / "backscatter.txt")) == 2
+
+
+def test_load_result_counts_loaded_entries(tmp_path):
+    path = tmp_path / "backscatter.txt"
+    path.write_text(f"0 good@example.net {int(WALL + 50)}\n1 bad@example.net\n")
+    assert make().load(str(path)) == LoadResult(loaded=2, expired=0, malformed=0)
+
+
+def test_load_original_format_valid_entry_is_fresh_from_load_time(tmp_path):
+    path = tmp_path / "backscatter.txt"
+    path.write_text("0 good@x\n")
+    cache = make(valid_ttl=100, invalid_ttl=10)
+    cache.load(str(path))
+    hit = cache.get("good@x")
+    assert (hit.valid, hit.expires_in) == (True, pytest.approx(100))
+
+
+def test_load_original_format_invalid_entry_is_fresh_from_load_time(tmp_path):
+    path = tmp_path / "backscatter.txt"
+    path.write_text("1 bad@x\n")
+    cache = make(valid_ttl=100, invalid_ttl=10)
+    cache.load(str(path))
+    hit = cache.get("bad@x")
+    assert (hit.valid, hit.expires_in) == (False, pytest.approx(10))
+
+
+def test_loaded_addresses_are_case_insensitive(tmp_path):
+    path = tmp_path / "backscatter.txt"
+    path.write_text("1 Bad@Example.NET\n")
+    cache = make()
+    cache.load(str(path))
+    assert cache.get("bad@example.net").valid is False
+
+
+def test_expired_entries_are_not_saved(tmp_path):
+    clock = FakeClock(5000.0)
+    cache = make(valid_ttl=100, invalid_ttl=10, clock=clock)
+    cache.put("good@example.net", True)
+    cache.put("bad@example.net", False)
+    clock.advance(50)
+    path = tmp_path / "backscatter.txt"
+    cache.save(str(path))
+    assert [line.split()[:2] for line in path.read_text().splitlines()] == [["0", "good@example.net"]]
+
+
+def test_expired_entries_are_not_loaded(tmp_path):
+    path = tmp_path / "backscatter.txt"
+    path.write_text(f"0 old@example.net {int(WALL - 1)}\n1 gone@example.net {int(WALL)}\n")
+    cache = make()
+    result = cache.load(str(path))
+    assert (result.loaded, result.expired, len(cache)) == (0, 2, 0)
+
+
+@pytest.mark.parametrize("bad_line", [
+    "7 a@b",                                   # a code other than 0 or 1 (weakness 2)
+    "0 john doe@example.net",                  # spaces in the address
+    "0 john doe@example.net 1800000000",
+    "garbage",
+    "0",
+    "0 nodomain",
+    "1 bad@example.net soon",                  # expiry not a number
+    "0 <evil@example.net>",
+    "0 " + "a" * 250 + "@example.net",         # over-long address
+])
+def test_malformed_line_is_skipped_and_counted(tmp_path, bad_line):
+    path = tmp_path / "backscatter.txt"
+    path.write_text(bad_line + "\n0 good@example.net\n")
+    cache = make()
+    result = cache.load(str(path))
+    assert (result.malformed, result.loaded, len(cache)) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("data", [b"0 good@example.net\r\n1 bad@example.net\r\n",
+                                  b"0 good@example.net\r1 bad@example.net\r"])
+def test_cr_terminated_lines_load_without_the_cr(tmp_path, data):
+    path = tmp_path / "backscatter.txt"
+    path.write_bytes(data)
+    cache = make()
+    cache.load(str(path))
+    assert sorted(a for a, _, _ in cache.snapshot()) == ["bad@example.net", "good@example.net"]
+
+
+def test_empty_lines_are_skipped(tmp_path):
+    path = tmp_path / "backscatter.txt"
+    path.write_text("0 good@example.net\n\n   \n1 bad@example.net\n")
+    cache = make()
+    assert (cache.load(str(path)).loaded, len(cache)) == (2, 2)
+
+
+def test_load_of_missing_file_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        make().load(str(tmp_path / "missing.txt"))
+
+
+def test_thousand_entries_save_and_load(tmp_path):
+    path = str(tmp_path / "backscatter.txt")
+    first = make(max_entries=5000)
+    for i in range(1000):
+        first.put(f"user{i}@example.net", i % 2 == 0)
+    assert first.save(path) == 1000
+    second = make(max_entries=5000)
+    assert second.load(path).loaded == 1000
+    assert all(second.get(f"user{i}@example.net").valid is (i % 2 == 0) for i in range(1000))
+
+
+# ---- atomic save ----
+
+@pytest.mark.parametrize("step", ["replace", "fsync"])
+def test_failed_save_keeps_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch, step):
+    path = tmp_path / "backscatter.txt"
+    path.write_text("0 old@example.net\n")
+    cache = make()
+    cache.put("new@example.net", True)
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cachemod.os, step, boom)
+    with pytest.raises(OSError):
+        cache.save(str(path))
+    monkeypatch.undo()
+    assert (path.read_text(), os.listdir(tmp_path)) == ("0 old@example.net\n", ["backscatter.txt"])
+
+
+def test_save_file_logs_instead_of_raising_on_failure(tmp_path, monkeypatch):
+    cache = make()
+    cache.put("new@example.net", True)
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cachemod.os, "replace", boom)
+    cachemod.save_file(cache, str(tmp_path / "backscatter.txt"))   # must not raise
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+def test_saved_file_mode_is_0600(tmp_path):
+    path = tmp_path / "backscatter.txt"
+    path.write_text("")
+    os.chmod(path, 0o644)
+    cache = make()
+    cache.put("good@example.net", True)
+    cache.save(str(path))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_save_replaces_the_file_rather_than_writing_in_place(tmp_path):
+    path = tmp_path / "backscatter.txt"
+    path.write_text("0 old@example.net\n")
+    before = os.stat(path).st_ino
+    cache = make()
+    cache.put("new@example.net", True)
+    cache.save(str(path))
+    assert os.stat(path).st_ino != before
+
+
+# ---- threads ----
+
+def test_concurrent_get_and_put_do_not_raise():
+    cache = VerdictCache(100, 10, max_entries=50)       # real clocks, small bound: many evictions
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            start.wait()
+            for _ in range(10000):
+                address = f"user{rng.randrange(200)}@Example.net"
+                if rng.random() < 0.5:
+                    cache.put(address, rng.random() < 0.5)
+                else:
+                    cache.get(address)
+                if rng.random() < 0.01:
+                    cache.snapshot()
+        except BaseException as exc:   # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)          # switch threads often, so races show up
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert (errors, len(cache) <= 50) == ([], True)
+
+
+def test_loaded_expiry_is_capped_at_the_current_ttl(tmp_path):
+    """A shortened TTL, or an edited file, cannot keep an entry longer than the TTL allows."""
+    path = tmp_path / "backscatter.txt"
+    path.write_text(f"1 bad@x {int(WALL) + 10 ** 8}\n0 good@x {int(WALL) + 50}\n")
+    cache = make(valid_ttl=100, invalid_ttl=10)
+    cache.load(str(path))
+    assert cache.get("bad@x").expires_in == pytest.approx(10)
+    assert cache.get("good@x").expires_in == pytest.approx(50)

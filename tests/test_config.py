@@ -1,0 +1,381 @@
+"""scam.conf parsing: keys, defaults, errors as file:line: Key: why, order rules and warnings."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+import pytest
+
+from scam_back import config as cfg
+from scam_back.config import ConfigError, DomainRoute, HostSpec
+
+PATH = "/etc/mail/scam.conf"
+ROUTE = "BackSMTPServer: 127.0.0.1\nBackAddrDomain: example.net\n"   # lines 1 and 2
+HELO = "HeloName: mx.test.example\n"
+
+
+def parse(extra: str = "", route: str = ROUTE) -> cfg.Config:
+    """A config routing example.net to 127.0.0.1, plus extra lines (from line 3 on)."""
+    return cfg.parse_text(route + extra, PATH)
+
+
+def error(text: str, path: str = PATH) -> str:
+    """The str of the ConfigError that parsing text raises."""
+    with pytest.raises(ConfigError) as info:
+        cfg.parse_text(text, path)
+    return str(info.value)
+
+
+def assert_located(message: str, lineno: int, key: str) -> None:
+    """message is `PATH:lineno: key: why` with a non-empty why."""
+    assert re.fullmatch(rf"{re.escape(PATH)}:{lineno}: {re.escape(key)}: \S.*", message), message
+
+
+# ---- defaults ----
+
+@pytest.mark.parametrize("field, default", [
+    ("smtp_port", 25),
+    ("valid_ttl", 86400),
+    ("invalid_ttl", 3000),
+    ("subdomains", False),
+    ("backlist", None),
+    ("timeout_connect", 1.5),
+    ("timeout_reply", 3.0),
+    ("verify_timeout", 10.0),
+    ("skip_verify", ()),
+    ("skip_loopback", True),
+    ("skip_daemons", ("MSA",)),
+    ("skip_recipients", ("postmaster",)),
+    ("error_tempfail", False),
+    ("use_mailertable", False),
+    ("mailertable", "/etc/mail/mailertable"),
+    ("prefer_ip_version", 0),
+    ("backoff", 60),
+    ("ehlo", True),
+    ("bitbucket", False),
+    ("all_domains", False),
+    ("mail_from", None),
+    ("cache_max", 1_000_000),
+    ("save_interval", 300),
+    ("reject_text", "User unknown"),
+    ("log_level", "info"),
+    ("dns_server", None),
+])
+def test_default_when_key_absent(field, default):
+    assert getattr(parse(), field) == default
+
+
+def test_heloname_defaults_to_the_hosts_fqdn(monkeypatch):
+    monkeypatch.setattr(cfg.socket, "getfqdn", lambda *a: "mx.example.org")
+    assert parse().helo_name == "mx.example.org"
+
+
+def test_ehlo_defaults_to_yes():
+    assert parse().ehlo is True
+
+
+# ---- each key with a set value ----
+
+@pytest.mark.parametrize("line, field, value", [
+    ("BackValidAddrExp: 600", "valid_ttl", 600),
+    ("BackInvalidAddrExp: 60", "invalid_ttl", 60),
+    ("BackAddrSubdomains: YES", "subdomains", True),
+    ("BackList: /var/spool/scam/backscatter.txt", "backlist", "/var/spool/scam/backscatter.txt"),
+    ("TimeoutSMTPConnect: 2", "timeout_connect", 2.0),
+    ("TimeoutSMTPConnect: 0.5", "timeout_connect", 0.5),
+    ("TimeoutSMTPReply: 7", "timeout_reply", 7.0),
+    ("BackVerifyTimeout: 20", "verify_timeout", 20.0),
+    ("BackSkipVerify: 192.0.2.0/24", "skip_verify", (ipaddress.ip_network("192.0.2.0/24"),)),
+    ("BackSkipLoopback: no", "skip_loopback", False),
+    ("BackSkipDaemon: ORIG", "skip_daemons", ("ORIG",)),
+    ("BackSkipRecipient: abuse", "skip_recipients", ("abuse",)),
+    ("BackErrorTempfail: Yes", "error_tempfail", True),
+    ("UseMailertable: yes", "use_mailertable", True),
+    ("Mailertable: /etc/mail/mt.txt", "mailertable", "/etc/mail/mt.txt"),
+    ("PreferIPVersion: 6", "prefer_ip_version", 6),
+    ("PreferIPVersion: 4", "prefer_ip_version", 4),
+    ("BackSMTPBackoff: 120", "backoff", 120),
+    ("Ehlo: no", "ehlo", False),
+    ("BitBucket: yes", "bitbucket", True),
+    ("AllDomains: yes", "all_domains", True),
+    ("BackMailFrom: probe@example.org", "mail_from", "probe@example.org"),
+    ("HeloName: MX.Example.ORG", "helo_name", "mx.example.org"),
+    ("BackCacheMax: 5000", "cache_max", 5000),
+    ("BackListSaveInterval: 60", "save_interval", 60),
+    ("BackRejectText: No such user here", "reject_text", "No such user here"),
+    ("LogLevel: DEBUG", "log_level", "debug"),
+    ("DNSServer: 127.0.0.1:5353", "dns_server", ("127.0.0.1", 5353)),
+])
+def test_key_sets_its_value(line, field, value):
+    assert getattr(parse(line + "\n"), field) == value
+
+
+def test_backsmtpserver_and_backaddrdomain_route_the_domain():
+    assert parse().domains == (DomainRoute("example.net", (HostSpec("127.0.0.1", 25),), 2),)
+
+
+def test_backsmtpport_sets_the_port_of_later_domains():
+    conf = cfg.parse_text("BackSMTPPort: 2525\n" + ROUTE, PATH)
+    assert conf.domains[0].hosts == (HostSpec("127.0.0.1", 2525),)
+
+
+def test_backaddrdomain_is_lower_cased_without_trailing_dot():
+    conf = parse(route="BackSMTPServer: 127.0.0.1\nBackAddrDomain: Example.NET.\n")
+    assert conf.domains[0].domain == "example.net"
+
+
+# ---- key spelling and line rules ----
+
+@pytest.mark.parametrize("line, field, value", [
+    ("TimeoutSMTPconnect: 2", "timeout_connect", 2.0),       # as in the original's sample
+    ("TimeoutSMTPreply: 5", "timeout_reply", 5.0),           # as in the original's sample
+    ("timeoutsmtpreply: 4", "timeout_reply", 4.0),
+    ("BACKVALIDADDREXP: 99", "valid_ttl", 99),
+])
+def test_keys_match_case_insensitively(line, field, value):
+    assert getattr(parse(line + "\n"), field) == value
+
+
+def test_short_port_line_is_not_ignored():
+    # "BackSMTPPort:26\n" is 16 characters: the original dropped it.
+    conf = cfg.parse_text("BackSMTPPort:26\n" + ROUTE, PATH)
+    assert conf.domains[0].hosts[0].port == 26
+
+
+def test_short_backlist_line_is_not_ignored():
+    assert parse("BackList:/a/b\n").backlist == "/a/b"
+
+
+def test_blank_and_comment_lines_are_ignored():
+    text = "\n# Bogus: this would be an unknown key\n   \n\t\n#BackSMTPPort: x\n" + ROUTE
+    conf = cfg.parse_text(text, PATH)
+    assert conf.domains == (DomainRoute("example.net", (HostSpec("127.0.0.1", 25),), 7),)
+
+
+# ---- errors: ConfigError whose str is path:line: Key: why ----
+
+def test_unknown_key_is_an_error_naming_file_line_and_key():
+    assert_located(error(ROUTE + "BackFrobnicate: yes\n"), 3, "BackFrobnicate")
+
+
+def test_bad_bool_is_an_error_naming_file_line_and_key():
+    assert_located(error(ROUTE + "BackAddrSubdomains: maybe\n"), 3, "BackAddrSubdomains")
+
+
+def test_bad_port_is_an_error_naming_file_line_and_key():
+    assert_located(error(ROUTE + "BackSMTPPort: 2x5\n"), 3, "BackSMTPPort")
+
+
+def test_out_of_range_port_is_an_error():
+    assert_located(error(ROUTE + "BackSMTPPort: 65536\n"), 3, "BackSMTPPort")
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "1s"])
+def test_bad_seconds_is_an_error_naming_file_line_and_key(value):
+    assert_located(error(ROUTE + f"TimeoutSMTPReply: {value}\n"), 3, "TimeoutSMTPReply")
+
+
+@pytest.mark.parametrize("value", ["192.0.2.0/33", "192.0.2.300", "2001:db8::/129", "localhost"])
+def test_bad_cidr_is_an_error_naming_file_line_and_key(value):
+    assert_located(error(ROUTE + f"BackSkipVerify: {value}\n"), 3, "BackSkipVerify")
+
+
+def test_backaddrdomain_before_any_backsmtpserver_is_an_error():
+    message = error("BackAddrDomain: example.net\nBackSMTPServer: 127.0.0.1\n")
+    assert_located(message, 1, "BackAddrDomain")
+
+
+def test_line_without_colon_is_an_error_at_its_line():
+    message = error(ROUTE + "BackSMTPPort 25\n")
+    assert message.startswith(f"{PATH}:3: ") and "BackSMTPPort 25" in message
+
+
+def test_percent_in_backrejecttext_is_an_error():
+    assert_located(error(ROUTE + "BackRejectText: 100% unknown\n"), 3, "BackRejectText")
+
+
+def test_bad_host_in_backsmtpserver_is_an_error():
+    assert_located(error("BackSMTPServer: mail server!\nBackAddrDomain: example.net\n"),
+                   1, "BackSMTPServer")
+
+
+def test_error_names_the_file_it_was_given():
+    message = error("Bogus: 1\n", path="/srv/other.conf")
+    assert message.startswith("/srv/other.conf:1: Bogus: ")
+
+
+def test_config_error_carries_path_and_line():
+    with pytest.raises(ConfigError) as info:
+        cfg.parse_text(ROUTE + "Bogus: 1\n", PATH)
+    assert (info.value.path, info.value.lineno) == (PATH, 3)
+
+
+# ---- a config must route something ----
+
+def test_config_routing_no_domain_is_an_error():
+    with pytest.raises(ConfigError) as info:
+        cfg.parse_text("BackSMTPServer: 127.0.0.1\nBackValidAddrExp: 60\n", PATH)
+    assert str(info.value).startswith(PATH)
+
+
+def test_empty_config_is_an_error():
+    with pytest.raises(ConfigError):
+        cfg.parse_text("# nothing here\n", PATH)
+
+
+def test_alldomains_alone_routes_every_domain():
+    conf = cfg.parse_text("BackSMTPServer: 127.0.0.1\nAllDomains: yes\n", PATH)
+    assert conf.all_domains_hosts == (HostSpec("127.0.0.1", 25),)
+
+
+def test_alldomains_without_server_is_an_error():
+    with pytest.raises(ConfigError):
+        cfg.parse_text("AllDomains: yes\n", PATH)
+
+
+def test_usemailertable_alone_is_accepted_by_the_config_parser():
+    assert cfg.parse_text("UseMailertable: yes\n", PATH).use_mailertable is True
+
+
+# ---- the original's order rules ----
+
+def test_backsmtpport_after_backaddrdomain_does_not_change_that_domain():
+    conf = parse("BackSMTPPort: 2525\n")
+    assert conf.domains[0].hosts == (HostSpec("127.0.0.1", 25),)
+
+
+def test_backsmtpport_applies_only_to_backaddrdomain_lines_after_it():
+    conf = cfg.parse_text("BackSMTPServer: 10.0.0.1\nBackAddrDomain: a.test\n"
+                          "BackSMTPPort: 2525\nBackAddrDomain: b.test\n", PATH)
+    ports = {d.domain: d.hosts[0].port for d in conf.domains}
+    assert ports == {"a.test": 25, "b.test": 2525}
+
+
+def test_two_servers_each_route_their_own_domains():
+    conf = cfg.parse_text("BackSMTPServer: 10.0.0.1\nBackAddrDomain: a.test\nBackAddrDomain: a2.test\n"
+                          "BackSMTPServer: 10.0.0.2\nBackSMTPPort: 2525\nBackAddrDomain: b.test\n", PATH)
+    routes = {d.domain: d.hosts for d in conf.domains}
+    assert routes == {
+        "a.test": (HostSpec("10.0.0.1", 25),),
+        "a2.test": (HostSpec("10.0.0.1", 25),),
+        "b.test": (HostSpec("10.0.0.2", 2525),),
+    }
+
+
+# ---- warnings for server and port lines no domain uses ----
+
+def test_well_ordered_config_has_no_warnings():
+    conf = cfg.parse_text("BackSMTPPort: 2525\nBackSMTPServer: 10.0.0.1\nBackAddrDomain: a.test\n", PATH)
+    assert conf.warnings == ()
+
+
+def test_trailing_backsmtpport_warns_naming_its_line():
+    conf = parse("BackSMTPPort: 2525\n")
+    assert any(w.startswith(f"{PATH}:3:") and "BackSMTPPort" in w for w in conf.warnings), conf.warnings
+
+
+def test_trailing_backsmtpserver_warns_naming_its_line():
+    conf = parse("BackSMTPServer: 10.0.0.9\n")
+    assert any(w.startswith(f"{PATH}:3:") and "BackSMTPServer" in w for w in conf.warnings), conf.warnings
+
+
+def test_backsmtpserver_replaced_before_use_warns_naming_its_line():
+    conf = cfg.parse_text("BackSMTPServer: 10.0.0.9\n" + ROUTE, PATH)
+    assert any(w.startswith(f"{PATH}:1:") and "BackSMTPServer" in w for w in conf.warnings), conf.warnings
+
+
+def test_backsmtpport_replaced_before_use_warns_naming_its_line():
+    conf = cfg.parse_text("BackSMTPPort: 2525\nBackSMTPPort: 2526\n" + ROUTE, PATH)
+    assert any(w.startswith(f"{PATH}:1:") and "BackSMTPPort" in w for w in conf.warnings), conf.warnings
+
+
+# ---- BackSMTPServer forms ----
+
+@pytest.mark.parametrize("value, host", [
+    ("mail.example.net", "mail.example.net"),
+    ("Mail.Example.NET", "mail.example.net"),
+    ("mx", "mx"),
+    ("192.0.2.25", "192.0.2.25"),
+    ("::1", "::1"),
+    ("[::1]", "::1"),
+    ("[IPv6:2001:db8::25]", "2001:db8::25"),
+])
+def test_backsmtpserver_accepts_name_ipv4_and_ipv6_literal(value, host):
+    conf = cfg.parse_text(f"BackSMTPServer: {value}\nBackAddrDomain: example.net\n", PATH)
+    assert conf.domains[0].hosts == (HostSpec(host, 25),)
+
+
+# ---- BackSkipVerify ----
+
+@pytest.mark.parametrize("value", ["192.0.2.1", "192.0.2.0/24", "::1", "2001:db8::/32",
+                                   "0.0.0.0/0", "::/0"])
+def test_backskipverify_accepts_ipv4_ipv6_and_cidr(value):
+    assert parse(f"BackSkipVerify: {value}\n").skip_verify == (ipaddress.ip_network(value),)
+
+
+def test_backskipverify_slash_zero_covers_every_address():
+    (net,) = parse("BackSkipVerify: 0.0.0.0/0\n").skip_verify
+    assert ipaddress.ip_address("203.0.113.9") in net
+
+
+def test_backskipverify_lines_accumulate():
+    conf = parse("BackSkipVerify: 192.0.2.0/28\nBackSkipVerify: 2001:db8::/64\n")
+    assert conf.skip_verify == (ipaddress.ip_network("192.0.2.0/28"), ipaddress.ip_network("2001:db8::/64"))
+
+
+# ---- list defaults only when none given ----
+
+def test_backskipdaemon_replaces_the_msa_default():
+    assert "MSA" not in parse("BackSkipDaemon: ORIG\n").skip_daemons
+
+
+def test_backskipdaemon_lines_accumulate():
+    assert parse("BackSkipDaemon: ORIG\nBackSkipDaemon: MSA-v6\n").skip_daemons == ("ORIG", "MSA-v6")
+
+
+def test_backskiprecipient_replaces_the_postmaster_default():
+    assert parse("BackSkipRecipient: abuse\n").skip_recipients == ("abuse",)
+
+
+# ---- probe sender ----
+
+def test_probe_sender_defaults_to_postmaster_backscatter_at_heloname():
+    assert parse("HeloName: mx.example.org\n").probe_sender == "postmaster+backscatter@mx.example.org"
+
+
+def test_backmailfrom_null_sender_gives_empty_probe_sender():
+    conf = parse(HELO + "BackMailFrom: <>\n")
+    assert (conf.mail_from, conf.probe_sender) == ("", "")
+
+
+def test_backmailfrom_sets_probe_sender():
+    assert parse(HELO + "BackMailFrom: <probe@example.org>\n").probe_sender == "probe@example.org"
+
+
+def test_backmailfrom_with_space_is_an_error():
+    assert_located(error(ROUTE + "BackMailFrom: a b@example.org\n"), 3, "BackMailFrom")
+
+
+# ---- load() ----
+
+def test_load_of_missing_file_is_config_error(tmp_path):
+    missing = str(tmp_path / "nope.conf")
+    with pytest.raises(ConfigError) as info:
+        cfg.load(missing)
+    assert str(info.value).startswith(missing)
+
+
+def test_load_reads_the_file(tmp_path):
+    path = tmp_path / "scam.conf"
+    path.write_text(ROUTE + "BackValidAddrExp: 77\n")
+    conf = cfg.load(str(path))
+    assert (conf.path, conf.valid_ttl) == (str(path), 77)
+
+
+def test_load_error_names_the_file_and_line(tmp_path):
+    path = tmp_path / "scam.conf"
+    path.write_text(ROUTE + "BackSMTPPort: 2x5\n")
+    with pytest.raises(ConfigError) as info:
+        cfg.load(str(path))
+    assert str(info.value).startswith(f"{path}:3: BackSMTPPort: ")
