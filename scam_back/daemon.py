@@ -75,12 +75,18 @@ def lookup_ids(user: Optional[str], group: Optional[str]) -> tuple[Optional[int]
 
 def drop_privileges(user: Optional[str], uid: Optional[int], gid: Optional[int]) -> None:
     """Become the -u user with exactly its groups; refuse to go on as root."""
-    if os.geteuid() == 0 and uid is not None and gid is not None and user:
-        os.initgroups(user, gid)
-        os.setgid(gid)
-        os.setuid(uid)
-    elif gid is not None and os.getegid() != gid:
-        os.setgid(gid)
+    try:
+        if os.geteuid() == 0 and uid is not None and user:
+            os.initgroups(user, gid if gid is not None else pwd.getpwnam(user).pw_gid)
+            if gid is not None:
+                os.setgid(gid)
+            os.setuid(uid)
+        elif uid is not None and uid != os.getuid():
+            raise StartupError(f"-u {user}: only root can switch to another user", EX_NOPERM)
+        elif gid is not None and gid != os.getegid():
+            os.setgid(gid)
+    except PermissionError as exc:
+        raise StartupError(f"cannot switch user or group: {exc.strerror}", EX_NOPERM) from None
     if os.getuid() == 0 or os.geteuid() == 0:
         raise StartupError("refusing to run as root: start it with -u USER, an unprivileged user "
                            "that can write the socket, pid and cache directories", EX_NOPERM)

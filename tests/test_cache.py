@@ -374,3 +374,15 @@ def test_loaded_expiry_is_capped_at_the_current_ttl(tmp_path):
     cache.load(str(path))
     assert cache.get("bad@x").expires_in == pytest.approx(10)
     assert cache.get("good@x").expires_in == pytest.approx(50)
+
+
+def test_wall_clock_jumps_neither_expire_nor_revive_entries():
+    """Weakness 17: the original's TTLs ran on wall-clock time."""
+    mono, wall = FakeClock(5000.0), FakeClock(WALL)
+    cache = make(valid_ttl=100, clock=mono, wall=wall)
+    cache.put("good@x", True)
+    wall.advance(10 ** 7)
+    assert cache.get("good@x") is not None
+    wall.advance(-2 * 10 ** 7)
+    mono.advance(101)
+    assert cache.get("good@x") is None

@@ -237,3 +237,37 @@ def test_inet_socket_works(backend, tmp_path):
     finally:
         daemon.stop()
 
+
+
+def test_bitbucket_through_libmilter_removes_invalid_recipients_at_end_of_message(backend,
+                                                                                   daemon_factory):
+    daemon = daemon_factory(backend_conf(backend, "BitBucket: yes\n"))
+    assert "BitBucket is on" in daemon.log()
+    with MilterClient(daemon.address, timeout=20) as client:
+        client.negotiate()
+        client.connect("client.test", "inet", CLIENT_IP, 4321)
+        client.mail("<sender@elsewhere.test>")
+        for address in ("good@example.net", "bad@example.net", "bad@example.net"):
+            assert client.rcpt(f"<{address}>", macros={"{rcpt_addr}": address}).is_continue
+        result = client.eom()
+        client.quit()
+    assert result.actions == [("delrcpt", "bad@example.net")]
+
+
+def test_tempfail_reply_does_not_stick_to_the_next_recipient(backend, daemon_factory):
+    """Weakness 9: a stale 451 could be left on the context after a CONTINUE."""
+    backend.set_rcpt_reply("grey@example.net", "450 4.2.0 greylisted")
+    daemon = daemon_factory(backend_conf(backend, "BackErrorTempfail: yes\n"))
+    grey, good = ask(daemon, "grey@example.net", "good@example.net")
+    assert grey.text.startswith("451 4.4.3 ")
+    assert good.action == "continue"
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="-g needs root to change groups; CI runs as root")
+def test_group_flag_sets_the_group_and_a_group_writable_socket(backend, daemon_factory):
+    import grp
+    daemon = daemon_factory(backend_conf(backend), "-g", "nogroup")
+    status = Path(f"/proc/{daemon.pid}/status").read_text()
+    gid = grp.getgrnam("nogroup").gr_gid
+    assert f"Gid:\t{gid}\t" in status
+    assert os.stat(daemon.socket).st_mode & 0o777 == 0o660

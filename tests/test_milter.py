@@ -247,3 +247,14 @@ def test_negotiation_skips_every_step_scam_back_does_not_use():
         assert not mask & bit, hex(bit)
     for bit in (Milter.P_NOCONNECT, Milter.P_NORCPT, Milter.P_NR_RCPT, Milter.P_NOMAIL):
         assert mask & bit, hex(bit)
+
+
+def test_backend_closing_mid_rcpt_accepts_without_error_tempfail(milter_ctx):
+    """Weakness 9: the original always answered 451 to RCPT I/O errors."""
+    from .smtpbackend import ScriptedBackend
+    with ScriptedBackend(replies={"RCPT": "close"}) as server:
+        text = (f"BackSMTPPort: {server.port}\nBackSMTPServer: 127.0.0.1\nBackAddrDomain: example.net\n"
+                "BackSkipLoopback: no\n")
+        ctx = milter_ctx(make_verifier(text))
+        start(ctx)
+        assert rcpt(ctx, "x@example.net") == Milter.CONTINUE

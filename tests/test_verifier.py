@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -261,3 +262,26 @@ def test_debug_log_level_logs_every_backend_command_and_reply(backend, caplog):
         verify(verifier, "good@example.net")
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert ">>> RCPT TO:<good@example.net>" in text and "<<< 250" in text
+
+
+def test_backend_socket_above_fd_1024_works(backend):
+    """Weakness 15: select() overflowed fd_set at descriptors of 1024 and more."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.fail(f"cannot raise the fd limit to 1200 (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fillers = []
+    try:
+        while not fillers or fillers[-1] < 1030:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        verifier = make_verifier(backend_conf(backend))
+        sessions = Sessions()
+        assert verify(verifier, "bad@example.net", sessions).kind is Kind.INVALID
+        route = verifier.router.route("example.net")
+        assert sessions.get(route)._smtp.sock.fileno() >= 1024
+        sessions.close()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -1,0 +1,68 @@
+"""Logging: syslog facility mail with ident scam-back, stderr fallback, never a traceback per record."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+
+import pytest
+
+from scam_back import log as logmod
+
+
+@pytest.fixture
+def syslog_socket():
+    """A unix datagram socket standing in for /dev/log."""
+    directory = tempfile.mkdtemp(prefix="scam-back-log-")
+    path = os.path.join(directory, "log")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(5)
+    yield sock, path
+    sock.close()
+    os.unlink(path)
+    os.rmdir(directory)
+    logmod.setup("info", stderr=True, syslog_socket="/nonexistent/log")
+
+
+def test_records_go_to_syslog_facility_mail_with_ident(syslog_socket):
+    sock, path = syslog_socket
+    assert logmod.setup("info", stderr=False, syslog_socket=path) is True
+    logging.getLogger("scam-back").info("qid=Q1 rcpt=<a@b> verdict=valid")
+    datagram = sock.recv(4096).decode()
+    # <22> = facility mail (2) * 8 + severity info (6)
+    assert datagram.startswith(f"<22>scam-back[{os.getpid()}]: qid=Q1 rcpt=<a@b> verdict=valid")
+
+
+def test_warning_has_mail_warning_priority(syslog_socket):
+    sock, path = syslog_socket
+    logmod.setup("info", stderr=False, syslog_socket=path)
+    logging.getLogger("scam-back").warning("careful")
+    assert sock.recv(4096).decode().startswith("<20>")   # mail (16) + warning (4)
+
+
+def test_debug_is_dropped_at_info_level(syslog_socket):
+    sock, path = syslog_socket
+    logmod.setup("info", stderr=False, syslog_socket=path)
+    logging.getLogger("scam-back").debug("hidden")
+    logging.getLogger("scam-back").info("shown")
+    assert "shown" in sock.recv(4096).decode()
+
+
+def test_without_syslog_socket_stderr_is_used(capsys):
+    assert logmod.setup("info", stderr=False, syslog_socket="/nonexistent/log") is False
+    logging.getLogger("scam-back").info("to stderr")
+    assert "scam-back: to stderr" in capsys.readouterr().err
+
+
+def test_vanished_syslog_prints_no_traceback(syslog_socket, capsys):
+    sock, path = syslog_socket
+    logmod.setup("info", stderr=False, syslog_socket=path)
+    sock.close()
+    os.unlink(path)
+    open(path, "w").close()            # the fixture's cleanup unlinks it again
+    for _ in range(3):
+        logging.getLogger("scam-back").info("into the void")
+    assert "Traceback" not in capsys.readouterr().err
