@@ -107,19 +107,34 @@ def detach() -> None:
         os.close(null)
 
 
-def write_pidfile(path: str) -> None:
-    """Write our pid; refuse if another live process holds the file."""
+def check_pidfile(path: str) -> None:
+    """Refuse to start if the pid file names another live scam-back (a second instance)."""
     try:
         with open(path) as handle:
-            old = int(handle.read().strip() or "0")
-        if old and old != os.getpid():
-            os.kill(old, 0)
-            raise StartupError(f"pid file {path} names running process {old}: another scam-back "
-                               "uses it (give each instance its own -P)", EX_CANTCREAT)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        pass
+            text = handle.read().strip()
+    except OSError:
+        return
+    if not text.isdigit() or int(text) in (0, os.getpid()):
+        return
+    old = int(text)
+    try:
+        os.kill(old, 0)
+    except ProcessLookupError:
+        return
     except PermissionError:
-        raise StartupError(f"pid file {path} names a process of another user", EX_CANTCREAT) from None
+        pass
+    try:
+        with open(f"/proc/{old}/cmdline", "rb") as handle:
+            if b"scam" not in handle.read():
+                return          # a stale file whose pid now belongs to something else
+    except OSError:
+        pass
+    raise StartupError(f"pid file {path} names running process {old}: another scam-back uses it "
+                       "(give each instance its own -P)", EX_CANTCREAT)
+
+
+def write_pidfile(path: str) -> None:
+    """Write our pid, newline-terminated."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         with os.fdopen(fd, "w") as handle:
@@ -127,6 +142,19 @@ def write_pidfile(path: str) -> None:
     except OSError as exc:
         raise StartupError(f"cannot write pid file {path}: {exc.strerror} (make its directory "
                            "writable by the -u user, or give another with -P)", EX_CANTCREAT) from None
+
+
+def make_run_dir(path: str, uid: Optional[int], gid: Optional[int]) -> None:
+    """As root, create a missing pid-file directory (not its parents) for the -u user."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.geteuid() != 0 or uid is None or os.path.isdir(directory):
+        return
+    try:
+        os.mkdir(directory, 0o755)
+        os.chown(directory, uid, gid if gid is not None else -1)
+        log.info("created %s for the pid file", directory)
+    except OSError as exc:
+        log.warning("cannot create %s: %s", directory, exc.strerror)
 
 
 def check_socket(spec: str) -> None:
@@ -190,10 +218,21 @@ def serve(options: Options, config: Config, router: Router) -> int:
     if options.detach:
         detach()
         logmod.setup(config.log_level, stderr=False)
+    make_run_dir(options.pid_file, uid, gid)
     drop_privileges(options.user, uid, gid)
     os.umask(0o117 if options.group else 0o177)
     check_socket(options.socket)
-    write_pidfile(options.pid_file)
+    check_pidfile(options.pid_file)
+    pid_file: Optional[str] = options.pid_file
+    try:
+        write_pidfile(options.pid_file)
+    except StartupError as exc:
+        # rc scripts and systemd need the pid file of a detached daemon; in the foreground the
+        # process is supervised directly, so a pid file it cannot write is worth a warning only.
+        if options.detach:
+            raise
+        log.warning("%s; serving without a pid file", exc)
+        pid_file = None
     cache_path = config.backlist or options.cache_file
     cache = cachemod.VerdictCache(config.valid_ttl, config.invalid_ttl, config.cache_max)
     saver = Saver(cache, cache_path, config.save_interval)
@@ -214,9 +253,10 @@ def serve(options: Options, config: Config, router: Router) -> int:
     finally:
         saver.stop()
         cachemod.save_file(cache, cache_path)
-        try:
-            os.unlink(options.pid_file)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                log.warning("cannot remove pid file %s: %s", options.pid_file, exc.strerror)
+        if pid_file:
+            try:
+                os.unlink(pid_file)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("cannot remove pid file %s: %s", pid_file, exc.strerror)
         log.info("Exit")

@@ -112,11 +112,13 @@ class Daemon:
     def address(self) -> str:
         return f"unix:{self.socket}"
 
-    def args(self) -> list[str]:
+    def flags(self) -> list[str]:
         user = ["-u", RUN_USER] if IS_ROOT else []
-        return scam_back_command() + ["-p", self.address, "-f", self.conf, "-P", self.pidfile,
-                                      "-b", self.cachefile, *user, *self.extra_args] + \
-            (["-D"] if self.detach else [])
+        return ["-p", self.address, "-f", self.conf, "-P", self.pidfile, "-b", self.cachefile,
+                *user, *self.extra_args] + (["-D"] if self.detach else [])
+
+    def args(self) -> list[str]:
+        return scam_back_command() + self.flags()
 
     def start(self, timeout: float = 15.0) -> "Daemon":
         with open(self.conf, "w") as handle:

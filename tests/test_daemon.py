@@ -271,3 +271,56 @@ def test_group_flag_sets_the_group_and_a_group_writable_socket(backend, daemon_f
     gid = grp.getgrnam("nogroup").gr_gid
     assert f"Gid:\t{gid}\t" in status
     assert os.stat(daemon.socket).st_mode & 0o777 == 0o660
+
+
+def test_second_instance_with_the_same_pidfile_is_refused(backend, daemon_factory):
+    first = daemon_factory(backend_conf(backend))
+    second = Daemon(backend_conf(backend))
+    try:
+        second.pidfile = first.pidfile
+        with open(second.conf, "w") as handle:
+            handle.write(second.conf_text)
+        result = run_cli(*second.flags())
+        assert result.returncode == 73 and "another scam-back" in result.stderr
+        assert first.alive()
+    finally:
+        second.stop()
+
+
+def test_unwritable_pidfile_in_the_foreground_only_warns(backend, daemon_factory):
+    daemon = Daemon(backend_conf(backend))
+    daemon.pidfile = "/nonexistent-dir/sub/scam-back.pid"
+    try:
+        with open(daemon.conf, "w") as handle:
+            handle.write(daemon.conf_text)
+        daemon.proc = subprocess.Popen(daemon.args(), stdin=subprocess.DEVNULL,
+                                       stdout=open(daemon.logpath, "ab"), stderr=subprocess.STDOUT)
+        daemon.pid = daemon.proc.pid
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not os.path.exists(daemon.socket):
+            time.sleep(0.05)
+        assert "serving without a pid file" in daemon.log()
+        assert ask(daemon, "bad@example.net")[0].text == "550 5.1.1 User unknown"
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="creating the run directory needs root; CI runs as root")
+def test_missing_pidfile_directory_is_created_for_the_user(backend):
+    import pwd
+    import shutil
+    import tempfile
+    parent = tempfile.mkdtemp(prefix="scam-back-run-")
+    os.chmod(parent, 0o755)
+    daemon = Daemon(backend_conf(backend))
+    try:
+        daemon.pidfile = os.path.join(parent, "run", "s.pid")
+        daemon.start()
+        run_dir = os.path.join(parent, "run")
+        assert os.stat(run_dir).st_uid == pwd.getpwnam(RUN_USER).pw_uid
+        assert os.path.exists(os.path.join(run_dir, "s.pid"))
+        daemon.terminate()
+        assert not os.path.exists(os.path.join(run_dir, "s.pid"))
+    finally:
+        daemon.stop()
+        shutil.rmtree(parent, ignore_errors=True)
