@@ -78,10 +78,9 @@ class BackendSession:
 
     def _command(self, line: str, deadline: float) -> tuple[int, str]:
         """Send one command and read its whole (possibly multi-line) reply."""
-        assert self._smtp is not None
-        sock = self._smtp.sock
-        if sock is None:
-            raise BackendError("closed", "connection already closed")
+        sock = self._smtp.sock if self._smtp is not None else None
+        if self._smtp is None or sock is None:
+            raise BackendError("closed", f"connection closed before {line.split()[0]}")
         sock.settimeout(min(self.settings.timeout_reply, self._remaining(deadline)))
         log.debug("backend %s >>> %s", self.label, line)
         try:

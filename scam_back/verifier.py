@@ -154,9 +154,10 @@ class Verifier:
             try:
                 return self._ask(session, address, deadline)
             except BackendError as exc:
-                if exc.kind != "closed":
+                if exc.kind == "timeout":
                     return Verdict(Kind.TROUBLE, "backend", session.label, str(exc))
-                # A kept-open session the backend has since closed: open a fresh one below.
+                # A kept-open session the backend has since closed or spoilt (421 on RSET, say):
+                # open a fresh one below.
         errors: list[str] = []
         label = str(route)
         for spec in route.hosts:

@@ -285,3 +285,26 @@ def test_backend_socket_above_fd_1024_works(backend):
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_421_to_ehlo_is_trouble_not_an_internal_error():
+    with ScriptedBackend(replies={"EHLO": [(0.0, b"421 shutting down\r\n"), "close"]}) as server:
+        verifier = make_verifier(scripted_conf(server))
+        verdict = verify(verifier, "x@example.net")
+        assert verdict.kind is Kind.TROUBLE and "closed" in verdict.reply
+
+
+def test_kept_session_spoilt_by_421_on_rset_is_replaced():
+    def replies(verb, line, conn):
+        if verb == "RSET" and conn == 1:
+            return [(0.0, b"421 4.4.2 idle too long\r\n"), "close"]
+        if verb == "RCPT":
+            return b"550 5.1.1 unknown\r\n"
+        return None
+    with ScriptedBackend(replies=replies) as server:
+        verifier = make_verifier(scripted_conf(server))
+        sessions = Sessions()
+        assert verify(verifier, "a@example.net", sessions).kind is Kind.INVALID
+        sessions.end_transaction()
+        assert verify(verifier, "b@example.net", sessions).kind is Kind.INVALID
+        assert server.connections == 2
