@@ -379,3 +379,36 @@ def test_load_error_names_the_file_and_line(tmp_path):
     with pytest.raises(ConfigError) as info:
         cfg.load(str(path))
     assert str(info.value).startswith(f"{path}:3: BackSMTPPort: ")
+
+
+ORIGINAL_SAMPLE = """\
+BackSMTPServer:192.168.0.2
+BackAddrDomain:example.net
+BackSMTPServer:192.0.2.2
+BackAddrDomain:example.org
+BackSMTPPort:25
+BackValidAddrExp:86400
+BackInvalidAddrExp:3000
+BackAddrSubdomains:Yes
+BackList:/var/spool/scam/backscatter.txt
+TimeoutSMTPconnect:2
+TimeoutSMTPreply:3
+BackSkipDaemon:MSA
+BackSkipDaemon:MSA-v6
+BackSkipVerify:127.0.0.1
+BackSkipVerify:192.0.2.2
+BackSkipVerify:192.0.2.32/28
+BackErrorTempfail:No
+Mailertable:/etc/mail/mailertable
+"""
+
+
+def test_the_original_documentations_settings_all_load():
+    """Every line the original's documentation shows, in its own spelling, is understood."""
+    config = cfg.parse_text(ORIGINAL_SAMPLE, "/etc/mail/scam.conf")
+    assert [(d.domain, d.hosts[0].host, d.hosts[0].port) for d in config.domains] == [
+        ("example.net", "192.168.0.2", 25), ("example.org", "192.0.2.2", 25)]
+    assert (config.subdomains, config.timeout_connect, config.timeout_reply) == (True, 2.0, 3.0)
+    assert config.backlist == "/var/spool/scam/backscatter.txt"
+    assert config.skip_daemons == ("MSA", "MSA-v6") and len(config.skip_verify) == 3
+    assert config.error_tempfail is False and config.mailertable == "/etc/mail/mailertable"
