@@ -68,6 +68,7 @@ class Config:
     error_tempfail: bool = False
     use_mailertable: bool = False
     mailertable: str = DEFAULT_MAILERTABLE
+    transport_map: Optional[str] = None
     prefer_ip_version: int = 0
     backoff: int = 60
     ehlo: bool = True
@@ -94,6 +95,7 @@ class Config:
         yes = {True: "yes", False: "no"}
         return [
             f"UseMailertable: {yes[self.use_mailertable]}",
+            f"TransportMap: {self.transport_map or 'none'}",
             f"Ehlo: {yes[self.ehlo]}",
             f"BitBucket: {yes[self.bitbucket]}",
             f"AllDomains: {yes[self.all_domains]}",
@@ -270,6 +272,7 @@ KEYS: dict[str, tuple[str, Callable, Optional[str], bool]] = {k.lower(): (k, p, 
     ("BackErrorTempfail", parse_bool, "error_tempfail", False),
     ("UseMailertable", parse_bool, "use_mailertable", False),
     ("Mailertable", parse_path, "mailertable", False),
+    ("TransportMap", parse_path, "transport_map", False),
     ("PreferIPVersion", parse_ip_version, "prefer_ip_version", False),
     ("BackSMTPBackoff", parse_int, "backoff", False),
     ("Ehlo", parse_bool, "ehlo", False),
@@ -359,21 +362,20 @@ def parse_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
             values[fieldname] = parsed_value
 
     all_domains = bool(values.get("all_domains", False))
-    use_mailertable = bool(values.get("use_mailertable", False))
+    tables = bool(values.get("use_mailertable", False)) or "transport_map" in values
     if all_domains:
         if last_server is None:
             raise ConfigError(path, 0, "AllDomains: yes needs a BackSMTPServer line naming the backend")
         server_used = True
-    unused_note = "; BackSMTPPort also sets the port of mailertable routes" if use_mailertable else ""
-    if server is not None and not server_used and not use_mailertable:
+    if server is not None and not server_used and not tables:
         warnings.append(f"{path}:{server[1]}: BackSMTPServer {server[0].host} is used by no BackAddrDomain "
                         "after it (put BackAddrDomain lines after their server)")
-    if not port_used and not all_domains and not use_mailertable:
+    if not port_used and not all_domains and not tables:
         warnings.append(f"{path}:{port_line}: BackSMTPPort {port} is used by no BackAddrDomain after it "
-                        f"(it applies only to BackAddrDomain lines below it){unused_note}")
-    if not domains and not all_domains and not use_mailertable:
+                        "(it applies only to BackAddrDomain lines below it)")
+    if not domains and not all_domains and not tables:
         raise ConfigError(path, 0, "no domain is routed: add BackSMTPServer and BackAddrDomain lines, "
-                          "or AllDomains: yes, or UseMailertable: yes")
+                          "or AllDomains: yes, or UseMailertable: yes, or TransportMap: /path")
 
     for fieldname, items in lists.items():
         if items:

@@ -1,4 +1,4 @@
-"""sendmail mailertable text -> routes (domain, hosts); a bad line is skipped with a warning."""
+"""sendmail mailertable and Postfix transport(5) text -> routes; a bad line is skipped with a warning."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .config import ConfigError, HostSpec, parse_domain, parse_host
 
 SMTP_MAILERS = {"smtp", "esmtp", "smtp8", "dsmtp", "relay"}
+POSTFIX_SMTP_TRANSPORTS = {"smtp", "relay", ""}     # "" is ":nexthop", the default transport
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,90 @@ def parse_text(text: str, path: str, default_port: int = 25) -> tuple[list[Table
     return routes, warnings
 
 
-def load(path: str, default_port: int = 25) -> tuple[list[TableRoute], list[str]]:
-    """Read a mailertable file; a missing or unreadable file is a ConfigError."""
+def parse_nexthops(text: str, default_port: int) -> tuple[HostSpec, ...]:
+    """Postfix nexthops: `[host]:port`, `host:port`, `[host]`, `host`, comma or space separated.
+
+    A bracketed host is used as is; a bare one means an MX lookup. An empty nexthop means the
+    recipient's own domain, looked up by MX: HostSpec with host "".
+    """
+    items = [item for item in re.split(r"[\s,]+", text.strip()) if item]
+    if not items:
+        return (HostSpec("", default_port, mx=True),)
+    hosts: list[HostSpec] = []
+    for item in items:
+        match = re.fullmatch(r"(\[[^\]]+\]|[^:\[\]]+)(?::(\d+))?", item)
+        if not match:
+            raise ValueError(f'not a nexthop ([host]:port or host:port): "{item}"')
+        port = int(match.group(2)) if match.group(2) else default_port
+        if not 1 <= port <= 65535:
+            raise ValueError(f'not a port number: "{match.group(2)}"')
+        bracketed = match.group(1).startswith("[")
+        hosts.append(HostSpec(parse_host(match.group(1)), port, mx=not bracketed))
+    return tuple(hosts)
+
+
+def _logical_lines(text: str) -> list[tuple[int, str]]:
+    """Postfix table lines: a line that starts with white space continues the one before."""
+    lines: list[tuple[int, str]] = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        if raw[0] in " \t" and lines:
+            lines[-1] = (lines[-1][0], lines[-1][1] + " " + raw.strip())
+        else:
+            lines.append((lineno, raw.strip()))
+    return lines
+
+
+def parse_transport(text: str, path: str, default_port: int = 25) -> tuple[list[TableRoute], list[str]]:
+    """Parse Postfix transport(5) text; return the SMTP routes and a warning per skipped line."""
+    routes: list[TableRoute] = []
+    warnings: list[str] = []
+    for lineno, line in _logical_lines(text):
+        fields = line.split(None, 1)
+        if len(fields) != 2:
+            warnings.append(f"{path}:{lineno}: no transport:nexthop after the key, line skipped")
+            continue
+        key, value = fields[0].lower(), fields[1].strip()
+        if key == "*":
+            key = "."
+        elif "@" in key:
+            warnings.append(f"{path}:{lineno}: {key}: per-address routes are not supported, "
+                            "not verified")
+            continue
+        else:
+            try:
+                key = ("." if key.startswith(".") else "") + parse_domain(key.lstrip("."))
+            except ValueError as exc:
+                warnings.append(f"{path}:{lineno}: {exc}, line skipped")
+                continue
+        transport, _, nexthop = value.partition(":")
+        if transport.lower() not in POSTFIX_SMTP_TRANSPORTS:
+            warnings.append(f'{path}:{lineno}: {key}: "{value}" is not an SMTP route '
+                            "(smtp:, relay:), not verified")
+            continue
+        try:
+            routes.append(TableRoute(key, parse_nexthops(nexthop, default_port), lineno))
+        except ValueError as exc:
+            warnings.append(f"{path}:{lineno}: {key}: {exc}, line skipped")
+    return routes, warnings
+
+
+def _read(path: str, what: str, fix: str) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
-            text = handle.read()
+            return handle.read()
     except OSError as exc:
-        raise ConfigError(path, 0, f"cannot read the mailertable: {exc.strerror} "
-                          "(set Mailertable: to its path, or UseMailertable: no)") from None
+        raise ConfigError(path, 0, f"cannot read the {what}: {exc.strerror} ({fix})") from None
+
+
+def load(path: str, default_port: int = 25) -> tuple[list[TableRoute], list[str]]:
+    """Read a mailertable file; a missing or unreadable file is a ConfigError."""
+    text = _read(path, "mailertable", "set Mailertable: to its path, or UseMailertable: no")
     return parse_text(text, path, default_port)
+
+
+def load_transport(path: str, default_port: int = 25) -> tuple[list[TableRoute], list[str]]:
+    """Read a Postfix transport(5) text file; a missing or unreadable file is a ConfigError."""
+    text = _read(path, "transport map", "set TransportMap: to the text file postmap reads")
+    return parse_transport(text, path, default_port)

@@ -76,8 +76,13 @@ def build(config: Config) -> tuple[Router, list[str]]:
     warnings: list[str] = []
     if config.use_mailertable:
         table, warnings = mailertable.load(config.mailertable, config.smtp_port)
+    if config.transport_map:
+        routes, more = mailertable.load_transport(config.transport_map, config.smtp_port)
+        table, warnings = table + routes, warnings + more
     router = Router(config, table)
     if not router:
-        raise ConfigError(config.mailertable, 0, "the mailertable routes no domain over SMTP, and the "
-                          "config has no BackAddrDomain: nothing would be verified")
+        tables = " and ".join(p for p in (config.mailertable if config.use_mailertable else "",
+                                          config.transport_map or "") if p)
+        raise ConfigError(tables, 0, "routes no domain over SMTP, and the config has no "
+                          "BackAddrDomain: nothing would be verified")
     return router, warnings

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Callable, Optional
 
 from . import address as addr
@@ -19,29 +20,36 @@ from .verdict import Kind, Verdict, classify
 log = logging.getLogger("scam-back")
 
 
+def backend_hosts(route: Route, domain: str) -> tuple[HostSpec, ...]:
+    """The route's hosts, with an empty host (a nexthop of "the recipient's domain") filled in."""
+    if all(spec.host for spec in route.hosts):
+        return route.hosts
+    return tuple(spec if spec.host else replace(spec, host=domain) for spec in route.hosts)
+
+
 class Sessions:
     """The backend sessions of one MTA connection: one per backend, reused across transactions."""
 
     def __init__(self) -> None:
-        self._by_route: dict[tuple[HostSpec, ...], BackendSession] = {}
+        self._by_backend: dict[tuple[HostSpec, ...], BackendSession] = {}
 
-    def get(self, route: Route) -> Optional[BackendSession]:
-        session = self._by_route.get(route.hosts)
+    def get(self, hosts: tuple[HostSpec, ...]) -> Optional[BackendSession]:
+        session = self._by_backend.get(hosts)
         return session if session is not None and session.is_open else None
 
-    def put(self, route: Route, session: BackendSession) -> None:
-        self._by_route[route.hosts] = session
+    def put(self, hosts: tuple[HostSpec, ...], session: BackendSession) -> None:
+        self._by_backend[hosts] = session
 
     def end_transaction(self) -> None:
         """The MTA's transaction ended: each backend gets RSET before its next MAIL FROM."""
-        for session in self._by_route.values():
+        for session in self._by_backend.values():
             session.reset()
 
     def close(self) -> None:
         """QUIT every backend; called when the MTA connection closes."""
-        for session in self._by_route.values():
+        for session in self._by_backend.values():
             session.close()
-        self._by_route.clear()
+        self._by_backend.clear()
 
 
 class Backoff:
@@ -136,7 +144,8 @@ class Verifier:
         if hit is not None:
             kind = Kind.VALID if hit.valid else Kind.INVALID
             return Verdict(kind, "cache", str(route), f"cached, expires in {int(hit.expires_in)} s")
-        verdict = self._probe(route, address.text, sessions, start + self.config.verify_timeout)
+        hosts = backend_hosts(route, address.domain)
+        verdict = self._probe(hosts, address.text, sessions, start + self.config.verify_timeout)
         if verdict.kind in (Kind.VALID, Kind.INVALID):
             self.cache.put(address.text, verdict.kind is Kind.VALID)
         return verdict
@@ -147,9 +156,10 @@ class Verifier:
         kind = classify(code, text, self.settings.mail_from)
         return Verdict(kind, "backend", session.label, f"{code} {first}"[:200])
 
-    def _probe(self, route: Route, address: str, sessions: Sessions, deadline: float) -> Verdict:
-        """Ask the route's backend, reusing this connection's session, failing over in order."""
-        session = sessions.get(route)
+    def _probe(self, hosts: tuple[HostSpec, ...], address: str, sessions: Sessions,
+               deadline: float) -> Verdict:
+        """Ask the backend, reusing this connection's session to it, failing over in order."""
+        session = sessions.get(hosts)
         if session is not None:
             try:
                 return self._ask(session, address, deadline)
@@ -159,8 +169,8 @@ class Verifier:
                 # A kept-open session the backend has since closed or spoilt (421 on RSET, say):
                 # open a fresh one below.
         errors: list[str] = []
-        label = str(route)
-        for spec in route.hosts:
+        label = ",".join(str(spec) for spec in hosts)
+        for spec in hosts:
             for host, port in self.resolver.addresses(spec):
                 key = (host, port)
                 session = BackendSession(host, port, self.settings)
@@ -178,7 +188,7 @@ class Verifier:
                         return Verdict(Kind.TROUBLE, "backend", label, "; ".join(errors))
                     continue
                 self.backoff.succeeded(key, label)
-                sessions.put(route, session)
+                sessions.put(hosts, session)
                 try:
                     return self._ask(session, address, deadline)
                 except BackendError as exc:
@@ -186,5 +196,5 @@ class Verifier:
                     if time.monotonic() >= deadline:
                         break
         if not errors:
-            errors.append(f"no address found for {route}")
+            errors.append(f"no address found for {label}")
         return Verdict(Kind.TROUBLE, "backend", label, "; ".join(errors)[:300])

@@ -210,7 +210,7 @@ def test_idle_session_closed_by_backend_is_reopened(backend):
     sessions = Sessions()
     verify(verifier, "good@example.net", sessions)
     route = verifier.router.route("example.net")
-    sessions.get(route)._smtp.sock.close()   # simulate the backend dropping an idle session
+    sessions.get(route.hosts)._smtp.sock.close()   # simulate the backend dropping an idle session
     assert verify(verifier, "bad@example.net", sessions).kind is Kind.INVALID
 
 
@@ -279,7 +279,7 @@ def test_backend_socket_above_fd_1024_works(backend):
         sessions = Sessions()
         assert verify(verifier, "bad@example.net", sessions).kind is Kind.INVALID
         route = verifier.router.route("example.net")
-        assert sessions.get(route)._smtp.sock.fileno() >= 1024
+        assert sessions.get(route.hosts)._smtp.sock.fileno() >= 1024
         sessions.close()
     finally:
         for fd in fillers:
