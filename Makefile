@@ -21,7 +21,7 @@ apt:
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(VENV)/.installed: setup.cfg setup.py | apt
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml | apt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip setuptools wheel
 	$(VENV)/bin/pip install -q -e '.[test]'
