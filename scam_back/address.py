@@ -92,3 +92,10 @@ def parse(raw: str) -> Address:
                 re.search(r"[\s\"\\@]", domain):
             raise AddressError("malformed domain")
     return Address(local, domain)
+
+
+def rough_domain(raw: str) -> str:
+    """The domain-looking text after the last @ of an unparsable address, for routing it."""
+    _, at, rest = raw.rpartition("@")
+    match = re.match(r"[A-Za-z0-9.-]+", rest) if at else None
+    return match.group(0).rstrip(".").lower() if match else ""

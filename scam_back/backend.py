@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import smtplib
 import socket
@@ -12,6 +13,7 @@ from typing import Optional
 log = logging.getLogger("scam-back")
 
 MAX_RCPTS_PER_TRANSACTION = 50      # well under the 100 that RFC 5321 servers must take
+MAX_REPLY_BYTES = 64 * 1024         # a reply larger than this is garbage, not a verdict
 
 
 class BackendError(Exception):
@@ -33,17 +35,60 @@ class SessionSettings:
     timeout_reply: float = 3.0
 
 
+class _DeadlineReader(io.RawIOBase):
+    """Socket reads that end at the reply's deadline and size cap, however slowly bytes trickle.
+
+    smtplib's own timeout applies to each recv, so a backend that drips one byte a second, or
+    sends endless "250-" lines, would hold the thread forever without this.
+    """
+
+    def __init__(self, smtp: "_SMTP") -> None:
+        super().__init__()
+        self.smtp = smtp
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+        smtp = self.smtp
+        left = smtp.reply_deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out: the reply did not end in time")
+        if smtp.reply_bytes >= MAX_REPLY_BYTES:
+            raise OSError(f"reply longer than {MAX_REPLY_BYTES} bytes")
+        assert smtp.sock is not None
+        smtp.sock.settimeout(left)
+        count = smtp.sock.recv_into(buffer)
+        smtp.reply_bytes += count
+        return count
+
+
 class _SMTP(smtplib.SMTP):
-    """smtplib.SMTP whose connect and reads have separate, caller-set timeouts."""
+    """smtplib.SMTP with a connect timeout, and a deadline and size cap on each whole reply."""
 
     connect_timeout: float = 1.5
     read_timeout: float = 3.0
+    reply_deadline: float = 0.0
+    reply_bytes: int = 0
+
+    def arm(self, seconds: float) -> None:
+        """The next reply must be complete within this many seconds."""
+        self.reply_deadline = time.monotonic() + seconds
+        self.reply_bytes = 0
+        if self.sock is not None:
+            self.sock.settimeout(seconds)
 
     def _get_socket(self, host, port, timeout):  # type: ignore[no-untyped-def]
         sock = socket.create_connection((host, port), self.connect_timeout)
-        sock.settimeout(self.read_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.arm(self.read_timeout)         # the banner's time starts once connected
         return sock
+
+    def getreply(self):  # type: ignore[no-untyped-def]
+        if self.file is None and self.sock is not None:
+            self.file = io.BufferedReader(_DeadlineReader(self))
+        return super().getreply()
 
 
 def _format(host: str, port: int) -> str:
@@ -81,9 +126,10 @@ class BackendSession:
         sock = self._smtp.sock if self._smtp is not None else None
         if self._smtp is None or sock is None:
             raise BackendError("closed", f"connection closed before {line.split()[0]}")
-        sock.settimeout(min(self.settings.timeout_reply, self._remaining(deadline)))
+        seconds = min(self.settings.timeout_reply, self._remaining(deadline))
         log.debug("backend %s >>> %s", self.label, line)
         try:
+            self._smtp.arm(seconds)
             self._smtp.putcmd(line)
             code, raw = self._smtp.getreply()
         except smtplib.SMTPResponseException as exc:
@@ -101,7 +147,7 @@ class BackendSession:
 
     def open(self, deadline: float) -> None:
         """Connect, read the 220 banner and greet; a refused greeting is a BackendError."""
-        smtp = _SMTP(timeout=None)
+        smtp = _SMTP(local_hostname=self.settings.helo_name, timeout=None)
         smtp.command_encoding = "utf-8"
         smtp.connect_timeout = min(self.settings.timeout_connect, self._remaining(deadline))
         smtp.read_timeout = min(self.settings.timeout_reply, self._remaining(deadline))
@@ -164,11 +210,13 @@ class BackendSession:
             self._needs_reset = True
 
     def close(self, deadline: Optional[float] = None) -> None:
-        """Send QUIT (briefly bounded) and close; never raises."""
+        """End an open transaction with RSET, send QUIT (briefly bounded), close; never raises."""
         if self.is_open:
+            end = deadline if deadline is not None else time.monotonic() + self.settings.timeout_reply
             try:
-                self._command("QUIT", deadline if deadline is not None
-                              else time.monotonic() + self.settings.timeout_reply)
+                if self._in_transaction:
+                    self._command("RSET", end)
+                self._command("QUIT", end)
             except BackendError:
                 pass
         self._drop()

@@ -67,9 +67,13 @@ class VerdictCache:
         return CacheHit(entry[0], entry[1] - now)
 
     def put(self, address: str, valid: bool) -> None:
-        """Remember a verdict for its kind's TTL; a TTL of 0 means that kind is not cached."""
+        """Remember a verdict for its kind's TTL; a TTL of 0 means that kind is not cached.
+
+        Addresses with white space (quoted local parts) are not cached: the file format could not
+        hold them.
+        """
         ttl = self.valid_ttl if valid else self.invalid_ttl
-        if ttl <= 0:
+        if ttl <= 0 or any(ch.isspace() for ch in address):
             return
         self._store(address.lower(), valid, self.clock() + ttl)
 

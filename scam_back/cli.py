@@ -31,7 +31,7 @@ usage: scam-back -p SOCKET [-u USER] [-g GROUP] [-f CONFIG] [-b CACHEFILE] [-P P
   -t           check the config (and mailertable) and exit: 0 good, 78 bad
   -h           this help and the features in effect
 """
-SOCKET_RE = re.compile(r"^(?:(?:unix|local):/.+|inet:\d{1,5}@.+|inet6:\d{1,5}@.+|/.+)$")
+SOCKET_RE = re.compile(r"^(?:(?:unix|local):/.+|inet6?:\d{1,5}(?:@.+)?|/.+)$")
 
 
 class UsageError(Exception):

@@ -163,6 +163,16 @@ def parse_host(text: str) -> str:
     raise ValueError(f'not a host name, IPv4 or IPv6 address: "{text}"')
 
 
+def parse_helo_name(text: str) -> str:
+    """The EHLO name: a host name as written (case kept), or an IP as an address literal."""
+    host = parse_host(text)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return text.strip("[]").rstrip(".")
+    return f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
+
+
 def parse_domain(text: str) -> str:
     """A mail domain, lower-cased, without trailing dots."""
     domain = text.rstrip(".").lower()
@@ -279,7 +289,7 @@ KEYS: dict[str, tuple[str, Callable, Optional[str], bool]] = {k.lower(): (k, p, 
     ("BitBucket", parse_bool, "bitbucket", False),
     ("AllDomains", parse_bool, "all_domains", False),
     ("BackMailFrom", parse_mail_from, "mail_from", False),
-    ("HeloName", parse_host, "helo_name", False),
+    ("HeloName", parse_helo_name, "helo_name", False),
     ("BackCacheMax", lambda t: parse_int(t, 1), "cache_max", False),
     ("BackListSaveInterval", parse_int, "save_interval", False),
     ("BackRejectText", parse_reply_text, "reject_text", False),
@@ -382,6 +392,10 @@ def parse_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
             values[fieldname] = tuple(items)
     if "helo_name" not in values:
         values["helo_name"] = default_helo_name()
+        if "." not in str(values["helo_name"]):
+            warnings.append(f"{path}: HeloName: this host's name {values['helo_name']!r} is not fully "
+                            "qualified; backends that check the probe sender may refuse it "
+                            "(set HeloName: to this host's public name)")
     return Config(
         path=path,
         domains=tuple(domains),
@@ -395,12 +409,14 @@ def parse_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
 def load(path: str = DEFAULT_CONFIG_PATH) -> Config:
     """Read and parse a config file; a missing or unreadable file is a ConfigError too."""
     try:
-        with open(path, encoding="utf-8", errors="strict") as handle:
-            text = handle.read()
+        with open(path, "rb") as handle:
+            data = handle.read()
     except FileNotFoundError:
         raise ConfigError(path, 0, "no such file; create it or give another with -f") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(path, 0, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(path, 0, f"cannot read: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")      # old files with Latin-1 comments still load
     return parse_text(text, path)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import Milter
+import milter as libmilter
 
 from . import cache as cachemod
 from . import log as logmod
@@ -168,6 +169,21 @@ def check_socket(spec: str) -> None:
                                "(libmilter creates the socket after the privilege drop)", EX_CANTCREAT)
 
 
+def open_socket(spec: str, timeout: int) -> None:
+    """Open the milter socket now, so that a bad one stops start-up before -D detaches.
+
+    runmilter later finds it open and uses it.
+    """
+    try:
+        libmilter.setconn(spec)
+        if timeout > 0:
+            libmilter.settimeout(timeout)
+        libmilter.register("scam-back")
+        libmilter.opensocket(True)
+    except libmilter.error as exc:
+        raise StartupError(f"cannot open milter socket {spec}: {exc}", EX_OSERR) from None
+
+
 class Saver:
     """Saves the cache every BackListSaveInterval seconds in a thread that never takes signals."""
 
@@ -215,14 +231,18 @@ def serve(options: Options, config: Config, router: Router) -> int:
     if config.bitbucket:
         log.warning("BitBucket is on: invalid recipients are accepted and silently removed; "
                     "senders get no bounce for them")
-    if options.detach:
-        detach()
-        logmod.setup(config.log_level, stderr=False)
     make_run_dir(options.pid_file, uid, gid)
     drop_privileges(options.user, uid, gid)
     os.umask(0o117 if options.group else 0o177)
     check_socket(options.socket)
     check_pidfile(options.pid_file)
+    if options.detach and not os.access(os.path.dirname(os.path.abspath(options.pid_file)), os.W_OK):
+        raise StartupError(f"cannot write pid file {options.pid_file}: its directory is not writable "
+                           "by this user (give another with -P)", EX_CANTCREAT)
+    open_socket(options.socket, options.milter_timeout)
+    if options.detach:
+        detach()
+        logmod.setup(config.log_level, stderr=False)
     pid_file: Optional[str] = options.pid_file
     try:
         write_pidfile(options.pid_file)

@@ -131,6 +131,11 @@ class Verifier:
         try:
             address = addr.parse(raw)
         except addr.AddressError as exc:
+            # Control characters are an attack whatever the domain; other syntax faults are
+            # judged only for domains scam-back verifies, the rest go on unjudged.
+            domain = addr.rough_domain(raw)
+            if not addr.CONTROL.search(raw) and (not domain or self.router.route(domain) is None):
+                return Verdict(Kind.SKIPPED, "rule", reply=f"domain not routed ({exc})")
             return Verdict(Kind.BAD_SYNTAX, "rule", reply=str(exc))
         if address.local.lower() in self.skip_recipients or \
                 address.text.lower() in self.skip_recipients:
@@ -171,7 +176,7 @@ class Verifier:
         errors: list[str] = []
         label = ",".join(str(spec) for spec in hosts)
         for spec in hosts:
-            for host, port in self.resolver.addresses(spec):
+            for host, port in self.resolver.addresses(spec, deadline):
                 key = (host, port)
                 session = BackendSession(host, port, self.settings)
                 label = session.label

@@ -60,7 +60,8 @@ def make_verifier(text: str, cache: Optional[VerdictCache] = None) -> Verifier:
 def backend_conf(backend: Backend, extra: str = "", domain: str = "example.net") -> str:
     """Config text routing one domain to a test backend, with short timeouts."""
     return (f"BackSMTPPort: {backend.port}\nBackSMTPServer: 127.0.0.1\nBackAddrDomain: {domain}\n"
-            "TimeoutSMTPConnect: 1\nTimeoutSMTPReply: 1\nBackSkipLoopback: no\n" + extra)
+            "TimeoutSMTPConnect: 1\nTimeoutSMTPReply: 1\nBackSkipLoopback: no\n"
+            "HeloName: mx.test.example\n" + extra)
 
 
 @pytest.fixture

@@ -386,3 +386,14 @@ def test_wall_clock_jumps_neither_expire_nor_revive_entries():
     wall.advance(-2 * 10 ** 7)
     mono.advance(101)
     assert cache.get("good@x") is None
+
+
+def test_addresses_with_white_space_are_not_cached(tmp_path):
+    """A quoted local part with a space could not be read back from the cache file."""
+    cache = make()
+    cache.put('"john doe"@example.net', False)
+    assert cache.get('"john doe"@example.net') is None
+    cache.put("jd@example.net", False)
+    path = tmp_path / "c.txt"
+    cache.save(str(path))
+    assert cache.load(str(path)).malformed == 0

@@ -100,7 +100,7 @@ def test_ehlo_defaults_to_yes():
     ("BitBucket: yes", "bitbucket", True),
     ("AllDomains: yes", "all_domains", True),
     ("BackMailFrom: probe@example.org", "mail_from", "probe@example.org"),
-    ("HeloName: MX.Example.ORG", "helo_name", "mx.example.org"),
+    ("HeloName: MX.Example.ORG", "helo_name", "MX.Example.ORG"),
     ("BackCacheMax: 5000", "cache_max", 5000),
     ("BackListSaveInterval: 60", "save_interval", 60),
     ("BackRejectText: No such user here", "reject_text", "No such user here"),
@@ -266,8 +266,15 @@ def test_two_servers_each_route_their_own_domains():
 # ---- warnings for server and port lines no domain uses ----
 
 def test_well_ordered_config_has_no_warnings():
-    conf = cfg.parse_text("BackSMTPPort: 2525\nBackSMTPServer: 10.0.0.1\nBackAddrDomain: a.test\n", PATH)
+    conf = cfg.parse_text("BackSMTPPort: 2525\nBackSMTPServer: 10.0.0.1\nBackAddrDomain: a.test\n"
+                          "HeloName: mx.a.test\n", PATH)
     assert conf.warnings == ()
+
+
+def test_unqualified_default_heloname_warns(monkeypatch):
+    monkeypatch.setattr(cfg, "default_helo_name", lambda: "vm")
+    conf = cfg.parse_text("BackSMTPServer: 10.0.0.1\nBackAddrDomain: a.test\n", PATH)
+    assert any("HeloName" in w and "not fully qualified" in w for w in conf.warnings)
 
 
 def test_trailing_backsmtpport_warns_naming_its_line():
@@ -412,3 +419,19 @@ def test_the_original_documentations_settings_all_load():
     assert config.backlist == "/var/spool/scam/backscatter.txt"
     assert config.skip_daemons == ("MSA", "MSA-v6") and len(config.skip_verify) == 3
     assert config.error_tempfail is False and config.mailertable == "/etc/mail/mailertable"
+
+
+@pytest.mark.parametrize("value,sent", [("MX1.Example.NET", "MX1.Example.NET"),
+                                        ("192.0.2.1", "[192.0.2.1]"),
+                                        ("2001:db8::1", "[IPv6:2001:db8::1]")])
+def test_heloname_keeps_its_case_and_brackets_ip_literals(value, sent):
+    config = cfg.parse_text(f"AllDomains: yes\nBackSMTPServer: 127.0.0.1\nHeloName: {value}\n", "/c")
+    assert config.helo_name == sent
+    assert config.probe_sender == f"postmaster+backscatter@{sent}"
+
+
+def test_latin1_config_file_loads(tmp_path):
+    path = tmp_path / "scam.conf"
+    path.write_bytes(b"# Serveur de messagerie \xe9tabli\nBackSMTPServer: 127.0.0.1\n"
+                     b"BackAddrDomain: example.net\n")
+    assert cfg.load(str(path)).domains[0].domain == "example.net"

@@ -324,3 +324,55 @@ def test_missing_pidfile_directory_is_created_for_the_user(backend):
     finally:
         daemon.stop()
         shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_detach_reports_a_bad_socket_before_detaching(backend, tmp_path):
+    conf = tmp_path / "scam.conf"
+    conf.write_text(backend_conf(backend))
+    user = ["-u", RUN_USER] if IS_ROOT else []
+    result = run_cli("-p", "unix:/nonexistent-dir/s.sock", "-f", str(conf), "-P",
+                     str(tmp_path / "p.pid"), *user, "-D")
+    assert result.returncode != 0 and "/nonexistent-dir" in result.stderr
+
+
+def test_detach_reports_a_port_in_use_before_detaching(backend, tmp_path):
+    import socket as socketmod
+    from .conftest import user_dir
+    run_dir = user_dir()
+    conf = Path(run_dir) / "scam.conf"
+    conf.write_text(backend_conf(backend))
+    with socketmod.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        user = ["-u", RUN_USER] if IS_ROOT else []
+        result = run_cli("-p", f"inet:{port}@127.0.0.1", "-f", str(conf), "-P",
+                         f"{run_dir}/p.pid", *user, "-D")
+    assert result.returncode == 71 and "cannot open milter socket" in result.stderr
+    assert not os.path.exists(f"{run_dir}/p.pid")
+
+
+def test_unknown_address_family_through_libmilter_is_accepted_not_crashed(backend, daemon_factory):
+    """Weakness 12: the original crashed (SIGSEGV) on a connection of unknown family."""
+    daemon = daemon_factory(backend_conf(backend))
+    with MilterClient(daemon.address, timeout=20) as client:
+        client.negotiate()
+        assert client.connect("localhost", "unknown").action == "accept"
+        client.quit()
+    with MilterClient(daemon.address, timeout=20) as client:
+        client.negotiate()
+        assert client.connect("localhost", "unix", "/var/run/sock").action == "accept"
+        client.quit()
+    assert ask(daemon, "bad@example.net")[0].text == "550 5.1.1 User unknown"
+
+
+def test_loglevel_debug_in_the_config_logs_the_backend_dialogue(backend, daemon_factory):
+    daemon = daemon_factory(backend_conf(backend, "LogLevel: debug\n"))
+    ask(daemon, "good@example.net")
+    assert ">>> RCPT TO:<good@example.net>" in daemon.log() and "<<< 250" in daemon.log()
+
+
+def test_loglevel_info_does_not_log_the_backend_dialogue(backend, daemon_factory):
+    daemon = daemon_factory(backend_conf(backend))
+    ask(daemon, "good@example.net")
+    assert "verdict=valid" in daemon.log() and ">>> RCPT" not in daemon.log()

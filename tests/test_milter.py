@@ -213,7 +213,8 @@ def test_sessions_are_reused_with_rset_and_closed_with_quit(backend, milter_ctx)
     assert backend.transcript == [
         "EHLO mx.test.example", "MAIL FROM:<postmaster+backscatter@mx.test.example>",
         "RCPT TO:<good@example.net>", "RSET",
-        "MAIL FROM:<postmaster+backscatter@mx.test.example>", "RCPT TO:<alice@example.net>", "QUIT"]
+        "MAIL FROM:<postmaster+backscatter@mx.test.example>", "RCPT TO:<alice@example.net>", "RSET",
+        "QUIT"]
 
 
 def bitbucket_ctx(backend, milter_ctx):

@@ -28,13 +28,14 @@ def verify(verifier: Verifier, address: str, sessions: Sessions | None = None):
     return verifier.verify(address, sessions or Sessions())
 
 
-def test_dialogue_is_ehlo_mail_rcpt_and_quit(backend):
+def test_dialogue_is_ehlo_mail_rcpt_rset_and_quit(backend):
     verifier = make_verifier(backend_conf(backend))
     sessions = Sessions()
     assert verify(verifier, "good@example.net", sessions).kind is Kind.VALID
     sessions.close()
     assert backend.wait_line("QUIT")
-    assert backend.transcript == ["EHLO mx.test.example", PROBE, "RCPT TO:<good@example.net>", "QUIT"]
+    assert backend.transcript == ["EHLO mx.test.example", PROBE, "RCPT TO:<good@example.net>", "RSET",
+                                  "QUIT"]
 
 
 def test_ehlo_no_sends_helo(backend):
@@ -308,3 +309,76 @@ def test_kept_session_spoilt_by_421_on_rset_is_replaced():
         sessions.end_transaction()
         assert verify(verifier, "b@example.net", sessions).kind is Kind.INVALID
         assert server.connections == 2
+
+
+@pytest.mark.parametrize("banner", [
+    [(0.0, b"220-hello\r\n")] + [(0.2, b"220-more\r\n")] * 40,          # endless continuation
+    [(0.0, b"220 ")] + [(0.2, b"x")] * 40,                              # one byte at a time
+])
+def test_dripping_banner_is_cut_off_at_the_reply_timeout(banner):
+    """Weakness 5 again: a per-read timeout alone never ends a reply that trickles in."""
+    with ScriptedBackend(banner) as server:
+        verifier = make_verifier(scripted_conf(server))
+        started = time.monotonic()
+        assert verify(verifier, "x@example.net").kind is Kind.TROUBLE
+        assert time.monotonic() - started < 1 + 1.0
+
+
+def test_endless_rcpt_reply_is_cut_off_and_not_cached():
+    drip = [(0.0, b"250-ok\r\n")] + [(0.1, b"250-still going\r\n")] * 60
+    with ScriptedBackend(replies={"RCPT": drip}) as server:
+        cache = VerdictCache(86400, 3000)
+        verifier = make_verifier(scripted_conf(server), cache)
+        started = time.monotonic()
+        assert verify(verifier, "x@example.net").kind is Kind.TROUBLE
+        assert time.monotonic() - started < 1 + 1.0
+        assert len(cache) == 0
+
+
+def test_huge_reply_is_garbage_not_a_verdict():
+    flood = [(0.0, b"250-" + b"y" * 1000 + b"\r\n")] * 100 + [(0.0, b"250 ok\r\n")]
+    with ScriptedBackend(replies={"RCPT": flood}) as server:
+        verifier = make_verifier(scripted_conf(server, "TimeoutSMTPReply: 3\n".replace("3", "2")))
+        assert verify(verifier, "x@example.net").kind is Kind.TROUBLE
+
+
+def test_dns_that_never_answers_counts_against_verify_timeout(backend):
+    with DNSServer(a={"other.test": ["127.0.0.1"]}, drop={"inner.test"}) as dns:
+        text = (f"BackSMTPServer: inner.test\nBackSMTPPort: {backend.port}\nBackAddrDomain: example.net\n"
+                f"DNSServer: 127.0.0.1:{dns.port}\nBackVerifyTimeout: 1\n")
+        verifier = make_verifier(text)
+        started = time.monotonic()
+        assert verify(verifier, "x@example.net").kind is Kind.TROUBLE
+        assert time.monotonic() - started < 1 + 0.5
+
+
+def test_lock_is_never_held_while_the_backend_is_asked():
+    """Weakness 1: the original scanned its cache under one exclusive lock for every RCPT."""
+    held = []
+
+    def replies(verb, line, conn):
+        if verb == "RCPT":
+            held.append(cache._lock.locked())
+        return None
+    cache = VerdictCache(86400, 3000)
+    with ScriptedBackend(replies=replies) as server:
+        verifier = make_verifier(scripted_conf(server), cache)
+        verify(verifier, "x@example.net")
+    assert held == [False]
+
+
+@pytest.mark.parametrize("raw", ["a b@elsewhere.test", "x" * 300 + "@elsewhere.test", "user@",
+                                 "<>", "a>b@elsewhere.test"])
+def test_bad_syntax_for_a_domain_not_routed_is_passed_unjudged(backend, raw):
+    verifier = make_verifier(backend_conf(backend))
+    assert verify(verifier, raw).kind is Kind.SKIPPED
+    assert backend.connections == 0
+
+
+def test_bad_syntax_for_a_routed_domain_or_with_control_characters_is_550_5_1_3(backend):
+    verifier = make_verifier(backend_conf(backend))
+    assert verify(verifier, "a\r\nRSET@example.net").kind is Kind.BAD_SYNTAX
+    assert verify(verifier, "bad@example.net\r\nRSET").kind is Kind.BAD_SYNTAX
+    assert verify(verifier, "a b@example.net").kind is Kind.BAD_SYNTAX
+    assert verify(verifier, "x@elsewhere.test\r\nRSET").kind is Kind.BAD_SYNTAX
+    assert backend.connections == 0
