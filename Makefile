@@ -3,7 +3,6 @@
 
 PYTHON   ?= /usr/bin/python3
 VENV     ?= .venv
-APT_PKGS  = libmilter-dev python3-dev python3-venv gcc
 RUN_DIR  ?= /var/spool/scam
 RUN_USER ?= nobody
 
@@ -11,15 +10,10 @@ RUN_USER ?= nobody
 
 setup: $(VENV)/.installed
 
-# Debian packages: installed only when missing, so a ready machine pays nothing.
+# Debian packages (libmilter, Postfix without a system MTA, an unpacked sendmail for the
+# tests): installed only when missing, so a ready machine pays a few dpkg look-ups.
 apt:
-	@missing=""; for p in $(APT_PKGS); do \
-	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	sh tools/install-debian-deps
 
 $(VENV)/.installed: setup.cfg setup.py pyproject.toml | apt
 	$(PYTHON) -m venv $(VENV)
