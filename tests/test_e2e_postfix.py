@@ -9,7 +9,9 @@ One private Postfix instance, three scam-back daemons and two backends serve the
 - "milter_down_accept" / "milter_down_tempfail": a milter socket nobody listens on, with
   milter_default_action accept and tempfail;
 - "restart": a scam-back of its own, SIGTERMed and restarted in one test, with its own backend
-  for restart.example that the test stops.
+  for restart.example that the test stops;
+- "transport": a scam-back whose only routing is `TransportMap:` naming the very transport file
+  Postfix uses, which sends transport.example to the main backend.
 
 Postfix delivers example.net to the main backend (relay_transport), and by transport_maps
 down.example to the dead port and restart.example to the restart backend.
@@ -191,6 +193,7 @@ class Setup:
     tempfail_milter: Daemon
     restart_milter: Daemon
     restart_backend: Backend
+    transport_milter: Daemon
 
 
 @pytest.fixture(scope="module")
@@ -211,16 +214,22 @@ def e2e() -> Iterator[Setup]:
         tempfail_milter = Daemon(milter_conf(backend.port, dead, "BackErrorTempfail: yes\n"),
                                  flags)
         restart_milter = Daemon(restart_conf(restart_backend.port), flags)
-        daemons += [milter, tempfail_milter, restart_milter]
-        start_milter(milter)
-        start_milter(tempfail_milter)
         transport = Path(scratch, "transport")
         transport.write_text(f"down.example relay:[127.0.0.1]:{dead}\n"
-                             f"restart.example relay:[127.0.0.1]:{restart_backend.port}\n")
+                             f"restart.example relay:[127.0.0.1]:{restart_backend.port}\n"
+                             f"transport.example relay:[127.0.0.1]:{backend.port}\n"
+                             "bounce.example error:no mail is delivered here\n")
+        transport_milter = Daemon(
+            f"HeloName: {HELO_NAME}\nTransportMap: {transport}\nTimeoutSMTPConnect: 1\n"
+            "TimeoutSMTPReply: 2\nBackSkipLoopback: no\n", flags)
+        daemons += [milter, tempfail_milter, restart_milter, transport_milter]
+        start_milter(milter)
+        start_milter(tempfail_milter)
+        start_milter(transport_milter)
         dead_milter = f"unix:{stale_socket(scratch)}"
         postfix = PostfixInstance(
             milter.address, backend.port,
-            domains=("example.net", "down.example", "restart.example"),
+            domains=("example.net", "down.example", "restart.example", "transport.example"),
             milter_default_action="tempfail",
             main_extra={"transport_maps": f"texthash:{transport}"},
             listeners={
@@ -230,9 +239,11 @@ def e2e() -> Iterator[Setup]:
                 "milter_down_tempfail": {"smtpd_milters": dead_milter,
                                          "milter_default_action": "tempfail"},
                 "restart": {"smtpd_milters": restart_milter.address},
+                "transport": {"smtpd_milters": transport_milter.address},
             })
         postfix.start()
-        yield Setup(postfix, backend, milter, tempfail_milter, restart_milter, restart_backend)
+        yield Setup(postfix, backend, milter, tempfail_milter, restart_milter, restart_backend,
+                    transport_milter)
     finally:
         if postfix is not None:
             postfix.cleanup()
@@ -388,3 +399,19 @@ def test_relay_to_an_unlisted_domain_is_refused_by_postfix_before_the_milter(e2e
     assert result.rcpt[bad][0] == 550, result          # the milter did answer this session
     assert verdicts(e2e.milter, outside) == [] and verdicts(e2e.milter, bad)
     assert not any(outside in line for line in list(e2e.backend.transcript)[mark:])
+
+
+def test_transport_map_shared_with_postfix_routes_verification(e2e):
+    """TransportMap: scam-back reads the same transport(5) file Postfix routes mail with."""
+    e2e.backend.users.add("good@transport.example")
+    bad = unique("nosuchuser", "transport.example")
+    token = f"transport-{os.getpid()}-{next(_serial)}"
+    port = e2e.postfix.ports["transport"]
+    result = transaction(port, ["good@transport.example", bad], body=token)
+    assert result.rcpt[bad][0] == 550 and "5.1.1" in result.rcpt[bad][1], result
+    assert result.rcpt["good@transport.example"][0] == 250, result
+    assert wait_delivered(e2e.backend, token, e2e.postfix) == ["good@transport.example"]
+    assert rcpt_lines(e2e.backend, bad) == 1          # scam-back's probe, at the same backend
+    log = e2e.transport_milter.log()
+    assert "bounce.example" in log and "not an SMTP route" in log
+    assert any("verdict=invalid" in line for line in verdicts(e2e.transport_milter, bad))
