@@ -18,10 +18,15 @@ VALID, INVALID = 0, 1   # the original's codes in the cache file
 
 @dataclass(frozen=True)
 class CacheHit:
-    """A cached verdict: valid or not, and seconds until it expires."""
+    """A cached verdict: valid or not, and seconds until it expires (negative: stale)."""
 
     valid: bool
     expires_in: float
+
+    @property
+    def stale(self) -> bool:
+        """Past its TTL but within BackStaleGrace: good only while the backend cannot answer."""
+        return self.expires_in <= 0
 
 
 @dataclass(frozen=True)
@@ -36,35 +41,47 @@ class LoadResult:
 class VerdictCache:
     """Address -> (valid, expiry). Keys are lower-cased; the least recently used go first.
 
-    Expiry is kept on the monotonic clock so wall-clock jumps never expire or revive entries;
-    it is turned into Unix time only when the file is written.
+    Valid and invalid verdicts live in separate LRU lists, so a flood of unknown addresses evicts
+    only other unknown addresses: invalid ones are capped at BackInvalidCacheMax (at most half of
+    BackCacheMax), and the rest of BackCacheMax is kept for valid ones. Entries past their TTL
+    stay for stale_grace seconds, flagged stale. Expiry runs on the monotonic clock, so
+    wall-clock jumps never expire or revive entries; it becomes Unix time only in the file.
     """
 
     def __init__(self, valid_ttl: float, invalid_ttl: float, max_entries: int = 1_000_000,
                  clock: Callable[[], float] = time.monotonic,
-                 wallclock: Callable[[], float] = time.time) -> None:
+                 wallclock: Callable[[], float] = time.time,
+                 invalid_max: Optional[int] = None, stale_grace: float = 0) -> None:
         self.valid_ttl, self.invalid_ttl = valid_ttl, invalid_ttl
         self.max_entries = max_entries
+        wanted = max_entries if invalid_max is None else invalid_max
+        self.invalid_max = max(1, min(wanted, max_entries // 2)) if invalid_max is not None \
+            else max_entries
+        self.valid_max = max(1, max_entries - (self.invalid_max if invalid_max is not None else 0))
+        self.stale_grace = stale_grace
         self.clock, self.wallclock = clock, wallclock
         self._lock = threading.Lock()
-        self._entries: "OrderedDict[str, tuple[bool, float]]" = OrderedDict()
+        self._valid: "OrderedDict[str, float]" = OrderedDict()
+        self._invalid: "OrderedDict[str, float]" = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._valid) + len(self._invalid)
 
     def get(self, address: str) -> Optional[CacheHit]:
-        """The live verdict for an address, or None; an expired entry is dropped on sight."""
+        """The verdict for an address, or None; stale ones only within the grace period."""
         key = address.lower()
         now = self.clock()
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            if entry[1] <= now:
-                del self._entries[key]
-                return None
-            self._entries.move_to_end(key)
-        return CacheHit(entry[0], entry[1] - now)
+            for valid, entries in ((True, self._valid), (False, self._invalid)):
+                expires = entries.get(key)
+                if expires is None:
+                    continue
+                if expires + self.stale_grace <= now:
+                    del entries[key]
+                    return None
+                entries.move_to_end(key)
+                return CacheHit(valid, expires - now)
+        return None
 
     def put(self, address: str, valid: bool) -> None:
         """Remember a verdict for its kind's TTL; a TTL of 0 means that kind is not cached.
@@ -78,23 +95,35 @@ class VerdictCache:
         self._store(address.lower(), valid, self.clock() + ttl)
 
     def _store(self, key: str, valid: bool, expires: float) -> None:
+        entries, other, bound = ((self._valid, self._invalid, self.valid_max) if valid
+                                 else (self._invalid, self._valid, self.invalid_max))
         with self._lock:
-            self._entries[key] = (valid, expires)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            other.pop(key, None)
+            entries[key] = expires
+            entries.move_to_end(key)
+            while len(entries) > bound:
+                entries.popitem(last=False)
+            while len(entries) + len(other) > self.max_entries:
+                (entries if entries else other).popitem(last=False)
 
     def remove(self, address: str) -> bool:
         """Forget one address; True if it was cached."""
+        key = address.lower()
         with self._lock:
-            return self._entries.pop(address.lower(), None) is not None
+            return (self._valid.pop(key, None) is not None) | \
+                (self._invalid.pop(key, None) is not None)
 
     def snapshot(self) -> list[tuple[str, bool, float]]:
-        """A copy of the live entries as (address, valid, Unix expiry), taken under the lock."""
+        """A copy of the entries (stale ones within grace too) as (address, valid, Unix expiry).
+
+        The lock is held only for two list copies.
+        """
         now, wall = self.clock(), self.wallclock()
         with self._lock:
-            items = list(self._entries.items())
-        return [(k, v, wall + (exp - now)) for k, (v, exp) in items if exp > now]
+            valid, invalid = list(self._valid.items()), list(self._invalid.items())
+        keep = now - self.stale_grace
+        return [(k, True, wall + (exp - now)) for k, exp in valid if exp > keep] + \
+            [(k, False, wall + (exp - now)) for k, exp in invalid if exp > keep]
 
     def save(self, path: str) -> int:
         """Write live entries to a temporary file, then rename it over path; returns the count.
@@ -129,7 +158,7 @@ class VerdictCache:
         loaded = expired = malformed = 0
         now, wall = self.clock(), self.wallclock()
         with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-            for line in handle:
+            for line in _bounded_lines(handle):
                 parsed = _parse_line(line)
                 if parsed is None:
                     if line.strip():
@@ -139,12 +168,31 @@ class VerdictCache:
                 ttl = self.valid_ttl if valid else self.invalid_ttl
                 # Never longer than today's TTL: a shortened TTL or an edited file cannot pin it.
                 expires = now + (ttl if expiry is None else min(expiry - wall, ttl))
-                if expires <= now:
+                if expires + self.stale_grace <= now:
                     expired += 1
                     continue
                 self._store(address.lower(), valid, expires)
                 loaded += 1
         return LoadResult(loaded, expired, malformed)
+
+
+MAX_LINE = 1024      # an address is at most 254 octets; longer lines are garbage
+
+
+def _bounded_lines(handle) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """Lines of at most MAX_LINE characters; a longer one is read in pieces and given as "x"."""
+    while True:
+        line = handle.readline(MAX_LINE)
+        if not line:
+            return
+        if len(line) == MAX_LINE and not line.endswith("\n"):
+            while True:                 # skip the rest of an over-long line, piece by piece
+                rest = handle.readline(MAX_LINE)
+                if not rest or rest.endswith("\n"):
+                    break
+            yield "x"                   # counted as one malformed line
+            continue
+        yield line
 
 
 def _fsync_dir(directory: str) -> None:

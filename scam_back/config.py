@@ -81,6 +81,11 @@ class Config:
     reject_text: str = "User unknown"
     log_level: str = "info"
     dns_server: Optional[tuple[str, int]] = None
+    backoff_failures: int = 1
+    stale_grace: int = 86400
+    max_invalid_per_connection: int = 10
+    max_probes: int = 20
+    invalid_cache_max: int = 100_000
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -295,6 +300,11 @@ KEYS: dict[str, tuple[str, Callable, Optional[str], bool]] = {k.lower(): (k, p, 
     ("BackRejectText", parse_reply_text, "reject_text", False),
     ("LogLevel", parse_log_level, "log_level", False),
     ("DNSServer", parse_dns_server, "dns_server", False),
+    ("BackSMTPBackoffFailures", lambda t: parse_int(t, 1), "backoff_failures", False),
+    ("BackStaleGrace", parse_int, "stale_grace", False),
+    ("BackMaxInvalidPerConnection", parse_int, "max_invalid_per_connection", False),
+    ("BackMaxProbes", lambda t: parse_int(t, 1, 10_000), "max_probes", False),
+    ("BackInvalidCacheMax", parse_int, "invalid_cache_max", False),
 ]}
 
 
@@ -319,17 +329,74 @@ def _split_line(path: str, lineno: int, raw: str) -> Optional[tuple[str, str]]:
     return key, value
 
 
+class _ServerLines:
+    """The original's order rules for BackSMTPServer, BackSMTPPort and BackAddrDomain lines.
+
+    A BackAddrDomain takes the servers and the port above it. Consecutive BackSMTPServer lines
+    form one ordered failover list; a BackSMTPServer after a BackAddrDomain starts a new list.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.hosts: list[tuple[str, int]] = []      # (host, line) of the current list
+        self.accumulating = False
+        self.hosts_used = True
+        self.port, self.port_line, self.port_used = 25, 0, True
+        self.domains: list[DomainRoute] = []
+        self.warnings: list[str] = []
+
+    def _unused_hosts(self, why: str) -> None:
+        if self.hosts and not self.hosts_used:
+            for host, line in self.hosts:
+                self.warnings.append(f"{self.path}:{line}: BackSMTPServer {host} is used by no "
+                                     f"BackAddrDomain {why}")
+
+    def server(self, host: str, lineno: int) -> None:
+        if not self.accumulating:
+            self._unused_hosts(f"(line {lineno} starts a new server list)")
+            self.hosts = []
+        self.hosts.append((host, lineno))
+        self.accumulating, self.hosts_used = True, False
+
+    def set_port(self, port: int, lineno: int) -> None:
+        if not self.port_used:
+            self.warnings.append(f"{self.path}:{self.port_line}: BackSMTPPort {self.port} is used by "
+                                 f"no BackAddrDomain (line {lineno} replaces it)")
+        self.port, self.port_line, self.port_used = port, lineno, False
+
+    def domain(self, domain: str, lineno: int) -> None:
+        if not self.hosts:
+            raise ConfigError(self.path, lineno, "BackAddrDomain: no BackSMTPServer line before it; "
+                              "put the server's BackSMTPServer line above this one")
+        hosts = tuple(HostSpec(host, self.port) for host, _ in self.hosts)
+        self.domains.append(DomainRoute(domain, hosts, lineno))
+        self.hosts_used = self.port_used = True
+        self.accumulating = False
+
+    def finish(self, all_domains: bool, tables: bool) -> tuple[HostSpec, ...]:
+        """Warn about lines nothing used; return the AllDomains servers."""
+        if all_domains:
+            if not self.hosts:
+                raise ConfigError(self.path, 0, "AllDomains: yes needs a BackSMTPServer line naming "
+                                  "the backend")
+            return tuple(HostSpec(host, self.port) for host, _ in self.hosts)
+        if not tables:
+            self._unused_hosts("after it (put BackAddrDomain lines after their server)")
+            if not self.port_used:
+                self.warnings.append(f"{self.path}:{self.port_line}: BackSMTPPort {self.port} is used "
+                                     "by no BackAddrDomain after it (it applies only to "
+                                     "BackAddrDomain lines below it)")
+        return ()
+
+
 def parse_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
     """Parse scam.conf text into a Config; raise ConfigError at the first bad line."""
     values: dict[str, object] = {}
     seen: dict[str, int] = {}
     lists: dict[str, list] = {"skip_verify": [], "skip_daemons": [], "skip_recipients": []}
-    warnings: list[str] = []
-    domains: list[DomainRoute] = []
-    server: Optional[tuple[HostSpec, int]] = None   # current server and its line
-    server_used = True
-    port, port_line, port_used = 25, 0, True
-    last_server: Optional[str] = None
+    servers = _ServerLines(path)
+    ordered = {"BackSMTPServer": servers.server, "BackSMTPPort": servers.set_port,
+               "BackAddrDomain": servers.domain}
 
     for lineno, raw in enumerate(text.splitlines(), 1):
         parsed = _split_line(path, lineno, raw)
@@ -344,66 +411,36 @@ def parse_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
             parsed_value = parser(value)
         except ValueError as exc:
             raise ConfigError(path, lineno, f"{name}: {exc}") from None
-        if name == "BackSMTPServer":
-            if server is not None and not server_used:
-                warnings.append(f"{path}:{server[1]}: BackSMTPServer {server[0].host} is used by no "
-                                f"BackAddrDomain (line {lineno} replaces it)")
-            server, server_used, last_server = (HostSpec(parsed_value, port), lineno), False, parsed_value
-        elif name == "BackSMTPPort":
-            if not port_used:
-                warnings.append(f"{path}:{port_line}: BackSMTPPort {port} is used by no BackAddrDomain "
-                                f"(line {lineno} replaces it)")
-            port, port_line, port_used = parsed_value, lineno, False
-            if server is not None:
-                server = (HostSpec(server[0].host, port), server[1])
-        elif name == "BackAddrDomain":
-            if server is None:
-                raise ConfigError(path, lineno, "BackAddrDomain: no BackSMTPServer line before it; "
-                                  "put the server's BackSMTPServer line above this one")
-            domains.append(DomainRoute(parsed_value, (HostSpec(server[0].host, port),), lineno))
-            server_used = port_used = True
+        if name in ordered:
+            ordered[name](parsed_value, lineno)
         elif repeatable:
             lists[fieldname].append(parsed_value)
         else:
             if fieldname in seen:
-                warnings.append(f"{path}:{lineno}: {name} repeats line {seen[fieldname]}; "
-                                "this later value is used")
+                servers.warnings.append(f"{path}:{lineno}: {name} repeats line {seen[fieldname]}; "
+                                        "this later value is used")
             seen[fieldname] = lineno
             values[fieldname] = parsed_value
 
     all_domains = bool(values.get("all_domains", False))
     tables = bool(values.get("use_mailertable", False)) or "transport_map" in values
-    if all_domains:
-        if last_server is None:
-            raise ConfigError(path, 0, "AllDomains: yes needs a BackSMTPServer line naming the backend")
-        server_used = True
-    if server is not None and not server_used and not tables:
-        warnings.append(f"{path}:{server[1]}: BackSMTPServer {server[0].host} is used by no BackAddrDomain "
-                        "after it (put BackAddrDomain lines after their server)")
-    if not port_used and not all_domains and not tables:
-        warnings.append(f"{path}:{port_line}: BackSMTPPort {port} is used by no BackAddrDomain after it "
-                        "(it applies only to BackAddrDomain lines below it)")
-    if not domains and not all_domains and not tables:
+    all_domains_hosts = servers.finish(all_domains, tables)
+    if not servers.domains and not all_domains and not tables:
         raise ConfigError(path, 0, "no domain is routed: add BackSMTPServer and BackAddrDomain lines, "
                           "or AllDomains: yes, or UseMailertable: yes, or TransportMap: /path")
-
     for fieldname, items in lists.items():
         if items:
             values[fieldname] = tuple(items)
+    warnings = servers.warnings
     if "helo_name" not in values:
         values["helo_name"] = default_helo_name()
         if "." not in str(values["helo_name"]):
             warnings.append(f"{path}: HeloName: this host's name {values['helo_name']!r} is not fully "
                             "qualified; backends that check the probe sender may refuse it "
                             "(set HeloName: to this host's public name)")
-    return Config(
-        path=path,
-        domains=tuple(domains),
-        all_domains_hosts=(HostSpec(last_server, port),) if all_domains and last_server else (),
-        smtp_port=port,
-        warnings=tuple(warnings),
-        **values,  # type: ignore[arg-type]
-    )
+    return Config(path=path, domains=tuple(servers.domains), all_domains_hosts=all_domains_hosts,
+                  smtp_port=servers.port, warnings=tuple(warnings),
+                  **values)  # type: ignore[arg-type]
 
 
 def load(path: str = DEFAULT_CONFIG_PATH) -> Config:

@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import pwd
+import resource
 import signal
 import threading
 from dataclasses import dataclass
@@ -135,14 +136,33 @@ def check_pidfile(path: str) -> None:
 
 
 def write_pidfile(path: str) -> None:
-    """Write our pid, newline-terminated."""
+    """Write our pid (mode 0600) through a new file renamed into place: a symlink planted at
+    the path is replaced, never followed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
     except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise StartupError(f"cannot write pid file {path}: {exc.strerror} (make its directory "
                            "writable by the -u user, or give another with -P)", EX_CANTCREAT) from None
+
+
+def raise_fd_limit() -> None:
+    """Use the hard limit on open files: each MTA connection can hold a backend socket too."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        if soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-files limit: %s", exc)
 
 
 def make_run_dir(path: str, uid: Optional[int], gid: Optional[int]) -> None:
@@ -233,7 +253,8 @@ def serve(options: Options, config: Config, router: Router) -> int:
                     "senders get no bounce for them")
     make_run_dir(options.pid_file, uid, gid)
     drop_privileges(options.user, uid, gid)
-    os.umask(0o117 if options.group else 0o177)
+    os.umask(0o117)         # socket 0660 for the user's (or -g) group; files are made 0600
+    raise_fd_limit()
     check_socket(options.socket)
     check_pidfile(options.pid_file)
     if options.detach and not os.access(os.path.dirname(os.path.abspath(options.pid_file)), os.W_OK):
@@ -254,7 +275,9 @@ def serve(options: Options, config: Config, router: Router) -> int:
         log.warning("%s; serving without a pid file", exc)
         pid_file = None
     cache_path = config.backlist or options.cache_file
-    cache = cachemod.VerdictCache(config.valid_ttl, config.invalid_ttl, config.cache_max)
+    cache = cachemod.VerdictCache(config.valid_ttl, config.invalid_ttl, config.cache_max,
+                                  invalid_max=config.invalid_cache_max,
+                                  stale_grace=config.stale_grace)
     saver = Saver(cache, cache_path, config.save_interval)
     try:
         cachemod.load_file(cache, cache_path)

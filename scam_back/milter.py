@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import socket
+import time
 from typing import Any, Callable, Optional
 
 import Milter
@@ -15,6 +17,10 @@ from .verifier import Sessions, Verifier
 log = logging.getLogger("scam-back")
 
 TEMPFAIL_TEXT = "Recipient verification temporarily unavailable, try again later"
+TOO_MANY_TEXT = "Too many unknown recipients, closing connection"
+PROBE_SENDER = re.compile(r"^<?postmaster\+backscatter@[^>]*>?$", re.IGNORECASE)
+SLOWDOWN_STEP = 0.25        # seconds added per unknown recipient past half the limit
+SLOWDOWN_MAX = 2.0
 SYNTAX_TEXT = "Bad recipient address syntax"
 ALL_INVALID_TEXT = "No valid recipients"
 
@@ -46,8 +52,10 @@ class ScamBackMilter(Milter.Base):
         self.config = verifier.config
         self.sessions = Sessions()
         self.authenticated = False
+        self.probe_transaction = False
         self.invalid: list[str] = []
         self.others = 0
+        self.unknown_count = 0          # per MTA connection: dictionary attacks
 
     def trouble(self) -> int:
         """Backend trouble: accept unverified, or 451 4.4.3 with BackErrorTempfail."""
@@ -71,18 +79,25 @@ class ScamBackMilter(Milter.Base):
             self.sessions.end_transaction()
             self.invalid, self.others = [], 0
             self.authenticated = bool(self.getsymval("{auth_authen}"))
+            # Another verifier's probe (or our own, looped back) is never verified in turn,
+            # so two verifiers in front of each other cannot loop.
+            sender = mailfrom.strip()
+            self.probe_transaction = bool(PROBE_SENDER.match(sender)) or \
+                sender.strip("<>").lower() == self.config.probe_sender.lower() != ""
         except Exception:
             log.exception("internal error in envfrom")
         return Milter.CONTINUE
 
     @_guarded
     def envrcpt(self, to: str, *params: str) -> int:
-        if self.authenticated:
+        if self.authenticated or self.probe_transaction:
             self.others += 1
             return Milter.CONTINUE
         rcpt = self.getsymval("{rcpt_addr}") or to
         verdict = self.verifier.verify(rcpt, self.sessions, self.getsymval("i") or "")
         if verdict.kind is Kind.INVALID:
+            if self.too_many_unknown():
+                return Milter.TEMPFAIL
             if self.config.bitbucket:
                 if rcpt not in self.invalid:
                     self.invalid.append(rcpt)
@@ -96,6 +111,22 @@ class ScamBackMilter(Milter.Base):
         if result == Milter.CONTINUE:
             self.others += 1
         return result
+
+    def too_many_unknown(self) -> bool:
+        """Count an unknown recipient; slow a client that sends many, then end its connection."""
+        limit = self.config.max_invalid_per_connection
+        self.unknown_count += 1
+        if not limit:
+            return False
+        if self.unknown_count > limit:
+            log.warning("qid=%s %d unknown recipients on one connection: 421, connection closed "
+                        "(BackMaxInvalidPerConnection)", self.getsymval("i") or "-", self.unknown_count)
+            self.setreply("421", "4.7.0", TOO_MANY_TEXT)
+            return True
+        past_half = self.unknown_count - limit // 2
+        if past_half > 0:
+            time.sleep(min(SLOWDOWN_MAX, SLOWDOWN_STEP * past_half))
+        return False
 
     @_guarded
     def eom(self) -> int:

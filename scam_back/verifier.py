@@ -12,6 +12,8 @@ from typing import Callable, Optional
 from . import address as addr
 from .backend import BackendError, BackendSession, SessionSettings
 from .cache import VerdictCache
+from .health import Backoff
+from .probes import ProbeGate
 from .config import Config, HostSpec
 from .resolve import Resolver
 from .routing import Route, Router
@@ -52,36 +54,6 @@ class Sessions:
         self._by_backend.clear()
 
 
-class Backoff:
-    """Per-address memory of failed connects: skip that address for BackSMTPBackoff seconds."""
-
-    def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
-        self.seconds, self.clock = seconds, clock
-        self._until: dict[tuple[str, int], float] = {}
-        self._lock = threading.Lock()
-
-    def blocked(self, key: tuple[str, int]) -> bool:
-        with self._lock:
-            until = self._until.get(key)
-        return until is not None and self.clock() < until
-
-    def failed(self, key: tuple[str, int], label: str, why: str) -> None:
-        if self.seconds <= 0:
-            return
-        with self._lock:
-            first = key not in self._until
-            self._until[key] = self.clock() + self.seconds
-        if first:
-            log.warning("backend %s unreachable (%s): skipped for %d s (BackSMTPBackoff)",
-                        label, why, self.seconds)
-
-    def succeeded(self, key: tuple[str, int], label: str) -> None:
-        with self._lock:
-            was = self._until.pop(key, None)
-        if was is not None:
-            log.info("backend %s reachable again", label)
-
-
 class Verifier:
     """Decides about one recipient; shared by every MTA connection (thread-safe)."""
 
@@ -93,7 +65,8 @@ class Verifier:
                                              lifetime=min(3.0, config.verify_timeout))
         self.settings = SessionSettings(config.helo_name, config.probe_sender, config.ehlo,
                                         config.timeout_connect, config.timeout_reply)
-        self.backoff = Backoff(config.backoff, clock)
+        self.backoff = Backoff(config.backoff, config.backoff_failures, clock)
+        self.gate = ProbeGate(config.max_probes)
         self.skip_daemons = frozenset(d.lower() for d in config.skip_daemons)
         self.skip_recipients = frozenset(r.lower() for r in config.skip_recipients)
 
@@ -146,13 +119,27 @@ class Verifier:
         if address.is_utf8:
             return Verdict(Kind.SKIPPED, "rule", str(route), "SMTPUTF8 address, not verified")
         hit = self.cache.get(address.text)
-        if hit is not None:
+        if hit is not None and not hit.stale:
             kind = Kind.VALID if hit.valid else Kind.INVALID
             return Verdict(kind, "cache", str(route), f"cached, expires in {int(hit.expires_in)} s")
         hosts = backend_hosts(route, address.domain)
-        verdict = self._probe(hosts, address.text, sessions, start + self.config.verify_timeout)
+        deadline = start + self.config.verify_timeout
+        verdict = self.gate.run(address.text.lower(), deadline,
+                                lambda: self._probe_and_cache(hosts, address.text, sessions, deadline))
+        if verdict.kind is Kind.TROUBLE and hit is not None:
+            # The backend cannot answer: a verdict past its TTL (within BackStaleGrace) still
+            # beats accepting blindly or tempfailing a known user.
+            kind = Kind.VALID if hit.valid else Kind.INVALID
+            return Verdict(kind, "stale-cache", verdict.backend,
+                           f"backend trouble ({verdict.reply[:120]}); stale by {int(-hit.expires_in)} s")
+        return verdict
+
+    def _probe_and_cache(self, hosts: tuple[HostSpec, ...], address: str, sessions: Sessions,
+                         deadline: float) -> Verdict:
+        """Probe, and cache a real verdict before anyone waiting on this probe is told."""
+        verdict = self._probe(hosts, address, sessions, deadline)
         if verdict.kind in (Kind.VALID, Kind.INVALID):
-            self.cache.put(address.text, verdict.kind is Kind.VALID)
+            self.cache.put(address, verdict.kind is Kind.VALID)
         return verdict
 
     def _ask(self, session: BackendSession, address: str, deadline: float) -> Verdict:

@@ -397,3 +397,54 @@ def test_addresses_with_white_space_are_not_cached(tmp_path):
     path = tmp_path / "c.txt"
     cache.save(str(path))
     assert cache.load(str(path)).malformed == 0
+
+
+def test_flood_of_invalid_addresses_cannot_evict_valid_ones():
+    """Issue 4: negatives have their own bound inside BackCacheMax and evict among themselves."""
+    cache = VerdictCache(100, 10, max_entries=1000, clock=FakeClock(5000.0),
+                         wallclock=FakeClock(WALL), invalid_max=100)
+    for n in range(800):
+        cache.put(f"good{n}@x", True)
+    for n in range(5000):
+        cache.put(f"random{n}@x", False)
+    assert all(cache.get(f"good{n}@x") for n in range(800))
+    assert len(cache._invalid) == 100 and len(cache) <= 1000
+
+
+def test_invalid_bound_is_at_most_half_the_cache():
+    cache = VerdictCache(100, 10, max_entries=1000, invalid_max=100_000)
+    assert (cache.invalid_max, cache.valid_max) == (500, 500)
+
+
+def test_stale_entries_within_grace_are_flagged_then_dropped():
+    clock = FakeClock(5000.0)
+    cache = VerdictCache(100, 10, clock=clock, wallclock=FakeClock(WALL), stale_grace=50)
+    cache.put("good@x", True)
+    clock.advance(120)
+    hit = cache.get("good@x")
+    assert hit is not None and hit.valid and hit.stale
+    clock.advance(40)
+    assert cache.get("good@x") is None
+
+
+def test_stale_entries_are_saved_and_load_as_stale(tmp_path):
+    clock, wall = FakeClock(5000.0), FakeClock(WALL)
+    cache = VerdictCache(100, 10, clock=clock, wallclock=wall, stale_grace=1000)
+    cache.put("bad@x", False)
+    clock.advance(20)
+    wall.advance(20)
+    path = tmp_path / "c.txt"
+    assert cache.save(str(path)) == 1
+    fresh = VerdictCache(100, 10, clock=FakeClock(9000.0), wallclock=wall, stale_grace=1000)
+    assert fresh.load(str(path)).loaded == 1
+    hit = fresh.get("bad@x")
+    assert hit is not None and not hit.valid and hit.stale
+
+
+def test_a_huge_line_without_newline_is_one_malformed_line(tmp_path):
+    path = tmp_path / "c.txt"
+    with open(path, "w") as handle:
+        handle.write("0 good@x\n" + "y" * 5_000_000 + "\n1 bad@x\n" + "z" * 3000)
+    cache = make()
+    result = cache.load(str(path))
+    assert (result.loaded, result.malformed) == (2, 2)

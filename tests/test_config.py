@@ -287,9 +287,20 @@ def test_trailing_backsmtpserver_warns_naming_its_line():
     assert any(w.startswith(f"{PATH}:3:") and "BackSMTPServer" in w for w in conf.warnings), conf.warnings
 
 
-def test_backsmtpserver_replaced_before_use_warns_naming_its_line():
-    conf = cfg.parse_text("BackSMTPServer: 10.0.0.9\n" + ROUTE, PATH)
-    assert any(w.startswith(f"{PATH}:1:") and "BackSMTPServer" in w for w in conf.warnings), conf.warnings
+def test_backsmtpport_between_server_lines_keeps_one_failover_list():
+    conf = cfg.parse_text("BackSMTPServer: 10.0.0.9\nBackSMTPPort: 26\nBackAddrDomain: a.test\n"
+                          "BackSMTPServer: 10.0.0.8\nBackSMTPPort: 27\nBackSMTPServer: 10.0.0.7\n"
+                          "BackAddrDomain: b.test\n", PATH)
+    assert conf.domains[1].hosts == (HostSpec("10.0.0.8", 27), HostSpec("10.0.0.7", 27))
+    assert not any("BackSMTPServer" in w for w in conf.warnings), conf.warnings
+
+
+def test_consecutive_backsmtpserver_lines_are_an_ordered_failover_list():
+    conf = cfg.parse_text("BackSMTPPort: 2525\nBackSMTPServer: 10.0.0.1\nBackSMTPServer: mx2.a.test\n"
+                          "BackAddrDomain: a.test\nBackSMTPServer: 10.0.0.3\nBackAddrDomain: b.test\n",
+                          PATH)
+    assert [d.hosts for d in conf.domains] == [
+        (HostSpec("10.0.0.1", 2525), HostSpec("mx2.a.test", 2525)), (HostSpec("10.0.0.3", 2525),)]
 
 
 def test_backsmtpport_replaced_before_use_warns_naming_its_line():
