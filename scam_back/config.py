@@ -86,6 +86,7 @@ class Config:
     max_invalid_per_connection: int = 10
     max_probes: int = 20
     invalid_cache_max: int = 100_000
+    idle_timeout: float = 30.0
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -305,6 +306,7 @@ KEYS: dict[str, tuple[str, Callable, Optional[str], bool]] = {k.lower(): (k, p, 
     ("BackMaxInvalidPerConnection", parse_int, "max_invalid_per_connection", False),
     ("BackMaxProbes", lambda t: parse_int(t, 1, 10_000), "max_probes", False),
     ("BackInvalidCacheMax", parse_int, "invalid_cache_max", False),
+    ("BackIdleTimeout", parse_seconds, "idle_timeout", False),
 ]}
 
 

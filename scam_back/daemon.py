@@ -12,6 +12,7 @@ import pwd
 import resource
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +23,7 @@ from . import cache as cachemod
 from . import log as logmod
 from .config import Config
 from .milter import ScamBackMilter
+from .pool import SessionPool
 from .routing import Router
 from .verifier import Verifier
 
@@ -204,27 +206,35 @@ def open_socket(spec: str, timeout: int) -> None:
         raise StartupError(f"cannot open milter socket {spec}: {exc}", EX_OSERR) from None
 
 
-class Saver:
-    """Saves the cache every BackListSaveInterval seconds in a thread that never takes signals."""
+class Housekeeper:
+    """Saves the cache every BackListSaveInterval seconds and closes idle backend sessions, in a
+    thread started with the stop signals blocked (libmilter's own thread must get them)."""
 
-    def __init__(self, cache: cachemod.VerdictCache, path: Optional[str], interval: int) -> None:
-        self.cache, self.path, self.interval = cache, path, interval
+    REAP_EVERY = 2.0
+
+    def __init__(self, cache: cachemod.VerdictCache, path: Optional[str], interval: int,
+                 pool: Optional[SessionPool] = None) -> None:
+        self.cache, self.path, self.interval, self.pool = cache, path, interval, pool
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
-        if not self.path or self.interval <= 0:
-            return
         old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            self._thread = threading.Thread(target=self._run, name="cache-saver", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="housekeeper", daemon=True)
             self._thread.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            cachemod.save_file(self.cache, self.path)
+        saving = bool(self.path) and self.interval > 0
+        next_save = time.monotonic() + self.interval
+        while not self._stop.wait(self.REAP_EVERY if self.pool else max(1, self.interval)):
+            if self.pool is not None:
+                self.pool.reap()
+            if saving and time.monotonic() >= next_save:
+                cachemod.save_file(self.cache, self.path)
+                next_save = time.monotonic() + self.interval
 
     def stop(self) -> None:
         self._stop.set()
@@ -278,13 +288,14 @@ def serve(options: Options, config: Config, router: Router) -> int:
     cache = cachemod.VerdictCache(config.valid_ttl, config.invalid_ttl, config.cache_max,
                                   invalid_max=config.invalid_cache_max,
                                   stale_grace=config.stale_grace)
-    saver = Saver(cache, cache_path, config.save_interval)
+    pool = SessionPool(config.idle_timeout, config.max_probes)
+    keeper = Housekeeper(cache, cache_path, config.save_interval, pool)
     try:
         cachemod.load_file(cache, cache_path)
-        verifier = Verifier(config, router, cache)
+        verifier = Verifier(config, router, cache, pool=pool)
         Milter.factory = functools.partial(ScamBackMilter, verifier)
         Milter.set_flags(Milter.DELRCPT if config.bitbucket else 0)
-        saver.start()
+        keeper.start()
         log.info("scam-back starting on %s as uid %d (config %s, cache %s)", options.socket,
                  os.getuid(), config.path, cache_path or "none")
         try:
@@ -294,7 +305,8 @@ def serve(options: Options, config: Config, router: Router) -> int:
             return EX_OSERR
         return EX_OK
     finally:
-        saver.stop()
+        keeper.stop()
+        pool.close()
         cachemod.save_file(cache, cache_path)
         if pid_file:
             try:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import Milter
 
 from .verdict import Kind
-from .verifier import Sessions, Verifier
+from .verifier import Verifier
 
 log = logging.getLogger("scam-back")
 
@@ -50,7 +50,6 @@ class ScamBackMilter(Milter.Base):
     def __init__(self, verifier: Verifier) -> None:
         self.verifier = verifier
         self.config = verifier.config
-        self.sessions = Sessions()
         self.authenticated = False
         self.probe_transaction = False
         self.invalid: list[str] = []
@@ -76,7 +75,6 @@ class ScamBackMilter(Milter.Base):
     @Milter.noreply
     def envfrom(self, mailfrom: str, *params: str) -> int:
         try:
-            self.sessions.end_transaction()
             self.invalid, self.others = [], 0
             self.authenticated = bool(self.getsymval("{auth_authen}"))
             # Another verifier's probe (or our own, looped back) is never verified in turn,
@@ -94,7 +92,7 @@ class ScamBackMilter(Milter.Base):
             self.others += 1
             return Milter.CONTINUE
         rcpt = self.getsymval("{rcpt_addr}") or to
-        verdict = self.verifier.verify(rcpt, self.sessions, self.getsymval("i") or "")
+        verdict = self.verifier.verify(rcpt, self.getsymval("i") or "")
         if verdict.kind is Kind.INVALID:
             if self.too_many_unknown():
                 return Milter.TEMPFAIL
@@ -131,7 +129,6 @@ class ScamBackMilter(Milter.Base):
     @_guarded
     def eom(self) -> int:
         invalid, others = self.invalid, self.others
-        self.sessions.end_transaction()
         self.invalid, self.others = [], 0
         if not invalid:
             return Milter.CONTINUE
@@ -147,13 +144,5 @@ class ScamBackMilter(Milter.Base):
         return Milter.CONTINUE
 
     def abort(self) -> int:
-        self.sessions.end_transaction()
         self.invalid, self.others = [], 0
-        return Milter.CONTINUE
-
-    def close(self) -> int:
-        try:
-            self.sessions.close()
-        except Exception:
-            log.exception("internal error closing backend sessions")
         return Milter.CONTINUE

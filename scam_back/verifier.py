@@ -13,6 +13,7 @@ from . import address as addr
 from .backend import BackendError, BackendSession, SessionSettings
 from .cache import VerdictCache
 from .health import Backoff
+from .pool import SessionPool
 from .probes import ProbeGate
 from .config import Config, HostSpec
 from .resolve import Resolver
@@ -29,37 +30,13 @@ def backend_hosts(route: Route, domain: str) -> tuple[HostSpec, ...]:
     return tuple(spec if spec.host else replace(spec, host=domain) for spec in route.hosts)
 
 
-class Sessions:
-    """The backend sessions of one MTA connection: one per backend, reused across transactions."""
-
-    def __init__(self) -> None:
-        self._by_backend: dict[tuple[HostSpec, ...], BackendSession] = {}
-
-    def get(self, hosts: tuple[HostSpec, ...]) -> Optional[BackendSession]:
-        session = self._by_backend.get(hosts)
-        return session if session is not None and session.is_open else None
-
-    def put(self, hosts: tuple[HostSpec, ...], session: BackendSession) -> None:
-        self._by_backend[hosts] = session
-
-    def end_transaction(self) -> None:
-        """The MTA's transaction ended: each backend gets RSET before its next MAIL FROM."""
-        for session in self._by_backend.values():
-            session.reset()
-
-    def close(self) -> None:
-        """QUIT every backend; called when the MTA connection closes."""
-        for session in self._by_backend.values():
-            session.close()
-        self._by_backend.clear()
-
-
 class Verifier:
     """Decides about one recipient; shared by every MTA connection (thread-safe)."""
 
     def __init__(self, config: Config, router: Router, cache: VerdictCache,
                  resolver: Optional[Resolver] = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 pool: Optional[SessionPool] = None) -> None:
         self.config, self.router, self.cache, self.clock = config, router, cache, clock
         self.resolver = resolver or Resolver(config.dns_server, config.prefer_ip_version,
                                              lifetime=min(3.0, config.verify_timeout))
@@ -67,6 +44,7 @@ class Verifier:
                                         config.timeout_connect, config.timeout_reply)
         self.backoff = Backoff(config.backoff, config.backoff_failures, clock)
         self.gate = ProbeGate(config.max_probes)
+        self.pool = pool or SessionPool(config.idle_timeout, config.max_probes)
         self.skip_daemons = frozenset(d.lower() for d in config.skip_daemons)
         self.skip_recipients = frozenset(r.lower() for r in config.skip_recipients)
 
@@ -89,10 +67,10 @@ class Verifier:
             return f"BackSkipDaemon {daemon_name}"
         return ""
 
-    def verify(self, raw: str, sessions: Sessions, qid: str = "") -> Verdict:
+    def verify(self, raw: str, qid: str = "") -> Verdict:
         """The verdict for one RCPT address, logged as one line."""
         start = time.monotonic()
-        verdict = self._decide(raw, sessions, start)
+        verdict = self._decide(raw, start)
         verdict = Verdict(verdict.kind, verdict.source, verdict.backend, verdict.reply,
                           int((time.monotonic() - start) * 1000))
         log.info("qid=%s rcpt=<%s> backend=%s verdict=%s source=%s reply=\"%s\" ms=%d",
@@ -100,7 +78,7 @@ class Verifier:
                  verdict.backend, verdict.kind.value, verdict.source, verdict.reply, verdict.ms)
         return verdict
 
-    def _decide(self, raw: str, sessions: Sessions, start: float) -> Verdict:
+    def _decide(self, raw: str, start: float) -> Verdict:
         try:
             address = addr.parse(raw)
         except addr.AddressError as exc:
@@ -125,7 +103,7 @@ class Verifier:
         hosts = backend_hosts(route, address.domain)
         deadline = start + self.config.verify_timeout
         verdict = self.gate.run(address.text.lower(), deadline,
-                                lambda: self._probe_and_cache(hosts, address.text, sessions, deadline))
+                                lambda: self._probe_and_cache(hosts, address.text, deadline))
         if verdict.kind is Kind.TROUBLE and hit is not None:
             # The backend cannot answer: a verdict past its TTL (within BackStaleGrace) still
             # beats accepting blindly or tempfailing a known user.
@@ -134,10 +112,10 @@ class Verifier:
                            f"backend trouble ({verdict.reply[:120]}); stale by {int(-hit.expires_in)} s")
         return verdict
 
-    def _probe_and_cache(self, hosts: tuple[HostSpec, ...], address: str, sessions: Sessions,
+    def _probe_and_cache(self, hosts: tuple[HostSpec, ...], address: str,
                          deadline: float) -> Verdict:
         """Probe, and cache a real verdict before anyone waiting on this probe is told."""
-        verdict = self._probe(hosts, address, sessions, deadline)
+        verdict = self._probe(hosts, address, deadline)
         if verdict.kind in (Kind.VALID, Kind.INVALID):
             self.cache.put(address, verdict.kind is Kind.VALID)
         return verdict
@@ -148,23 +126,22 @@ class Verifier:
         kind = classify(code, text, self.settings.mail_from)
         return Verdict(kind, "backend", session.label, f"{code} {first}"[:200])
 
-    def _probe(self, hosts: tuple[HostSpec, ...], address: str, sessions: Sessions,
-               deadline: float) -> Verdict:
-        """Ask the backend, reusing this connection's session to it, failing over in order."""
-        session = sessions.get(hosts)
-        if session is not None:
-            try:
-                return self._ask(session, address, deadline)
-            except BackendError as exc:
-                if exc.kind == "timeout":
-                    return Verdict(Kind.TROUBLE, "backend", session.label, str(exc))
-                # A kept-open session the backend has since closed or spoilt (421 on RSET, say):
-                # open a fresh one below.
+    def _probe(self, hosts: tuple[HostSpec, ...], address: str, deadline: float) -> Verdict:
+        """Ask the backend, reusing a pooled session where there is one, failing over in order."""
         errors: list[str] = []
         label = ",".join(str(spec) for spec in hosts)
         for spec in hosts:
             for host, port in self.resolver.addresses(spec, deadline):
                 key = (host, port)
+                session = self.pool.take(host, port)
+                if session is not None:
+                    try:
+                        return self._ask_and_return(session, address, deadline)
+                    except BackendError as exc:
+                        if exc.kind == "timeout":
+                            return Verdict(Kind.TROUBLE, "backend", session.label, str(exc))
+                        # A pooled session the backend has since closed or spoilt (421 on RSET,
+                        # say) is retried once on a fresh one.
                 session = BackendSession(host, port, self.settings)
                 label = session.label
                 if self.backoff.blocked(key):
@@ -179,10 +156,10 @@ class Verifier:
                     if time.monotonic() >= deadline:
                         return Verdict(Kind.TROUBLE, "backend", label, "; ".join(errors))
                     continue
+                self.pool.opened += 1
                 self.backoff.succeeded(key, label)
-                sessions.put(hosts, session)
                 try:
-                    return self._ask(session, address, deadline)
+                    return self._ask_and_return(session, address, deadline)
                 except BackendError as exc:
                     errors.append(f"{label} {exc}")
                     if time.monotonic() >= deadline:
@@ -190,3 +167,10 @@ class Verifier:
         if not errors:
             errors.append(f"no address found for {label}")
         return Verdict(Kind.TROUBLE, "backend", label, "; ".join(errors)[:300])
+
+    def _ask_and_return(self, session: BackendSession, address: str, deadline: float) -> Verdict:
+        """One RCPT on a session, which goes back to the pool after (if it is still usable)."""
+        try:
+            return self._ask(session, address, deadline)
+        finally:
+            self.pool.give(session)

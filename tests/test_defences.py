@@ -11,7 +11,6 @@ from scam_back.cache import VerdictCache
 from scam_back.health import Backoff
 from scam_back.probes import ProbeGate
 from scam_back.verdict import Kind, Verdict
-from scam_back.verifier import Sessions
 
 from .conftest import backend_conf, make_verifier
 from .test_milter import rcpt, start
@@ -92,14 +91,14 @@ def test_stale_entry_answers_only_while_the_backend_is_down(backend):
     now = [1000.0]
     cache = VerdictCache(10, 10, clock=lambda: now[0], stale_grace=3600)
     verifier = make_verifier(backend_conf(backend, "BackSMTPBackoff: 0\n"), cache)
-    assert verifier.verify("bad@example.net", Sessions()).kind is Kind.INVALID
+    assert verifier.verify("bad@example.net").kind is Kind.INVALID
     now[0] += 60                                    # past the TTL, within the grace
     backend.set_rcpt_reply("bad@example.net", "451 4.3.0 try later")
-    verdict = verifier.verify("bad@example.net", Sessions())
+    verdict = verifier.verify("bad@example.net")
     assert (verdict.kind, verdict.source) == (Kind.INVALID, "stale-cache")
     backend.set_rcpt_reply("bad@example.net", None)
     backend.users.add("bad@example.net")            # the backend is back, and changed its mind
-    verdict = verifier.verify("bad@example.net", Sessions())
+    verdict = verifier.verify("bad@example.net")
     assert (verdict.kind, verdict.source) == (Kind.VALID, "backend")
 
 

@@ -200,14 +200,15 @@ def test_each_domain_is_verified_at_its_own_backend(milter_ctx):
         assert "RCPT TO:<b2@b.test>" in b.transcript
 
 
-def test_sessions_are_reused_with_rset_and_closed_with_quit(backend, milter_ctx):
-    ctx = milter_ctx(make_verifier(backend_conf(backend)))
-    start(ctx)
-    rcpt(ctx, "good@example.net")
-    ctx._priv.abort()
-    ctx._envfrom("<other@elsewhere.test>")
-    rcpt(ctx, "alice@example.net")
-    ctx._close()
+def test_backend_sessions_are_pooled_across_mta_connections_with_rset_between_uses(backend,
+                                                                                  milter_ctx):
+    verifier = make_verifier(backend_conf(backend))
+    for address in ("good@example.net", "alice@example.net"):
+        ctx = milter_ctx(verifier)
+        start(ctx)
+        rcpt(ctx, address)
+        ctx._close()
+    verifier.pool.close()
     assert backend.wait_line("QUIT")
     assert backend.connections == 1
     assert backend.transcript == [

@@ -10,7 +10,7 @@ import pytest
 from scam_back import routing
 from scam_back.cache import VerdictCache
 from scam_back.verdict import Kind
-from scam_back.verifier import Sessions, Verifier
+from scam_back.verifier import Verifier
 
 from .conftest import backend_conf, make_config, make_verifier
 from .dnsserver import DNSServer
@@ -24,15 +24,14 @@ def scripted_conf(server: ScriptedBackend, extra: str = "") -> str:
             "TimeoutSMTPConnect: 1\nTimeoutSMTPReply: 1\n" + extra)
 
 
-def verify(verifier: Verifier, address: str, sessions: Sessions | None = None):
-    return verifier.verify(address, sessions or Sessions())
+def verify(verifier: Verifier, address: str):
+    return verifier.verify(address)
 
 
 def test_dialogue_is_ehlo_mail_rcpt_rset_and_quit(backend):
     verifier = make_verifier(backend_conf(backend))
-    sessions = Sessions()
-    assert verify(verifier, "good@example.net", sessions).kind is Kind.VALID
-    sessions.close()
+    assert verify(verifier, "good@example.net").kind is Kind.VALID
+    verifier.pool.close()
     assert backend.wait_line("QUIT")
     assert backend.transcript == ["EHLO mx.test.example", PROBE, "RCPT TO:<good@example.net>", "RSET",
                                   "QUIT"]
@@ -198,21 +197,20 @@ def test_backoff_skips_a_failed_address_then_tries_it_again(backend):
 def test_crlf_in_address_never_reaches_the_backend(backend):
     """Weakness 6: CR/LF smuggled RSET and MAIL FROM into the original's backend session."""
     verifier = make_verifier(backend_conf(backend))
-    sessions = Sessions()
-    verify(verifier, "good@example.net", sessions)
+    verify(verifier, "good@example.net")
     for evil in ("a@example.net\r\nRSET\r\nMAIL FROM:<evil@x>", "a@example.net>x", "a\x00@example.net",
                  "a" * 250 + "@example.net", "a b@example.net"):
-        assert verify(verifier, evil, sessions).kind is Kind.BAD_SYNTAX
+        assert verify(verifier, evil).kind is Kind.BAD_SYNTAX
     assert backend.transcript == ["EHLO mx.test.example", PROBE, "RCPT TO:<good@example.net>"]
 
 
 def test_idle_session_closed_by_backend_is_reopened(backend):
     verifier = make_verifier(backend_conf(backend))
-    sessions = Sessions()
-    verify(verifier, "good@example.net", sessions)
-    route = verifier.router.route("example.net")
-    sessions.get(route.hosts)._smtp.sock.close()   # simulate the backend dropping an idle session
-    assert verify(verifier, "bad@example.net", sessions).kind is Kind.INVALID
+    verify(verifier, "good@example.net")
+    session = verifier.pool.take("127.0.0.1", backend.port)
+    session._smtp.sock.close()          # simulate the backend dropping an idle pooled session
+    verifier.pool.give(session)
+    assert verify(verifier, "bad@example.net").kind is Kind.INVALID
 
 
 def test_bare_mailertable_host_is_looked_up_by_mx_in_preference_order(backend, tmp_path):
@@ -250,7 +248,7 @@ def test_ipv6_backend_literal(tmp_path):
 def test_verdict_log_line_names_recipient_backend_verdict_source_and_ms(backend, caplog):
     verifier = make_verifier(backend_conf(backend))
     with caplog.at_level("INFO", logger="scam-back"):
-        verifier.verify("bad@example.net", Sessions(), qid="ABC123")
+        verifier.verify("bad@example.net", qid="ABC123")
     line = [r.getMessage() for r in caplog.records if "rcpt=" in r.getMessage()][-1]
     for part in ("qid=ABC123", "rcpt=<bad@example.net>", f"backend=127.0.0.1:{backend.port}",
                  "verdict=invalid", "source=backend", "ms="):
@@ -277,11 +275,10 @@ def test_backend_socket_above_fd_1024_works(backend):
         while not fillers or fillers[-1] < 1030:
             fillers.append(os.open(os.devnull, os.O_RDONLY))
         verifier = make_verifier(backend_conf(backend))
-        sessions = Sessions()
-        assert verify(verifier, "bad@example.net", sessions).kind is Kind.INVALID
-        route = verifier.router.route("example.net")
-        assert sessions.get(route.hosts)._smtp.sock.fileno() >= 1024
-        sessions.close()
+        assert verify(verifier, "bad@example.net").kind is Kind.INVALID
+        session = verifier.pool.take("127.0.0.1", backend.port)
+        assert session._smtp.sock.fileno() >= 1024
+        session.close()
     finally:
         for fd in fillers:
             os.close(fd)
@@ -304,10 +301,8 @@ def test_kept_session_spoilt_by_421_on_rset_is_replaced():
         return None
     with ScriptedBackend(replies=replies) as server:
         verifier = make_verifier(scripted_conf(server))
-        sessions = Sessions()
-        assert verify(verifier, "a@example.net", sessions).kind is Kind.INVALID
-        sessions.end_transaction()
-        assert verify(verifier, "b@example.net", sessions).kind is Kind.INVALID
+        assert verify(verifier, "a@example.net").kind is Kind.INVALID
+        assert verify(verifier, "b@example.net").kind is Kind.INVALID
         assert server.connections == 2
 
 

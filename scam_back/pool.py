@@ -1,0 +1,74 @@
+"""SessionPool: idle backend sessions per backend address, shared by every MTA connection."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Optional
+
+from .backend import BackendSession
+
+
+class SessionPool:
+    """Keeps sessions between uses so most verifications cost one RSET, MAIL and RCPT.
+
+    A session is used by one thread at a time: take() removes it from the pool, give() puts it
+    back (its transaction is reset before the next MAIL FROM). Sessions idle for longer than
+    idle_timeout are closed by reap(), which the daemon calls every few seconds.
+    """
+
+    def __init__(self, idle_timeout: float = 30.0, max_idle_per_backend: int = 20,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.idle_timeout, self.max_idle = idle_timeout, max_idle_per_backend
+        self.clock = clock
+        self._idle: dict[tuple[str, int], list[tuple[float, BackendSession]]] = {}
+        self._lock = threading.Lock()
+        self.opened = self.reused = 0
+
+    def take(self, host: str, port: int) -> Optional[BackendSession]:
+        """The most recently used idle session to this address, or None."""
+        with self._lock:
+            idle = self._idle.get((host, port))
+            while idle:
+                _, session = idle.pop()
+                if session.is_open:
+                    self.reused += 1
+                    return session
+        return None
+
+    def give(self, session: BackendSession) -> None:
+        """Return a session after use; a closed one is dropped, a surplus one closed."""
+        if not session.is_open:
+            return
+        session.reset()
+        with self._lock:
+            idle = self._idle.setdefault((session.host, session.port), [])
+            if len(idle) < self.max_idle:
+                idle.append((self.clock(), session))
+                return
+        session.close()
+
+    def reap(self) -> int:
+        """Close sessions idle for longer than idle_timeout; returns how many."""
+        cutoff = self.clock() - self.idle_timeout
+        stale: list[BackendSession] = []
+        with self._lock:
+            for key, idle in self._idle.items():
+                keep = [(t, s) for t, s in idle if t > cutoff]
+                stale.extend(s for t, s in idle if t <= cutoff)
+                self._idle[key] = keep
+        for session in stale:
+            session.close()
+        return len(stale)
+
+    def close(self) -> None:
+        """QUIT every idle session (at shutdown)."""
+        with self._lock:
+            sessions = [s for idle in self._idle.values() for _, s in idle]
+            self._idle.clear()
+        for session in sessions:
+            session.close()
+
+    def idle_count(self) -> int:
+        with self._lock:
+            return sum(len(idle) for idle in self._idle.values())
