@@ -153,46 +153,74 @@ class VerdictCache:
         """Read a cache file in the original's format (`0 addr`, `1 addr`), expiry optional.
 
         An entry without an expiry is fresh from now, as the original did; expired and
-        malformed lines are skipped and counted.
+        malformed lines are skipped and counted. Entries are stored in batches, each under one
+        lock hold.
         """
         loaded = expired = malformed = 0
         now, wall = self.clock(), self.wallclock()
-        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-            for line in _bounded_lines(handle):
-                parsed = _parse_line(line)
+        keep_after = now - self.stale_grace
+        ttls = {True: self.valid_ttl, False: self.invalid_ttl}
+        batch: list[tuple[str, bool, float]] = []
+        with open(path, "rb") as handle:
+            for raw in _bounded_lines(handle):
+                parsed = _parse_line(raw)
                 if parsed is None:
-                    if line.strip():
+                    if raw.strip():
                         malformed += 1
                     continue
                 address, valid, expiry = parsed
-                ttl = self.valid_ttl if valid else self.invalid_ttl
+                ttl = ttls[valid]
                 # Never longer than today's TTL: a shortened TTL or an edited file cannot pin it.
                 expires = now + (ttl if expiry is None else min(expiry - wall, ttl))
-                if expires + self.stale_grace <= now:
+                if expires <= keep_after:
                     expired += 1
                     continue
-                self._store(address.lower(), valid, expires)
-                loaded += 1
-        return LoadResult(loaded, expired, malformed)
+                batch.append((address.lower(), valid, expires))
+                if len(batch) >= 10_000:      # small batches: no second copy of a big file
+                    self._store_many(batch)
+                    loaded, batch = loaded + len(batch), []
+        self._store_many(batch)
+        return LoadResult(loaded + len(batch), expired, malformed)
+
+    def _store_many(self, entries: list[tuple[str, bool, float]]) -> None:
+        with self._lock:
+            for key, valid, expires in entries:
+                target, other = (self._valid, self._invalid) if valid else (self._invalid, self._valid)
+                if key in other:
+                    del other[key]
+                target[key] = expires
+            for entries_, bound in ((self._valid, self.valid_max), (self._invalid, self.invalid_max)):
+                while len(entries_) > bound:
+                    entries_.popitem(last=False)
+            while len(self._valid) + len(self._invalid) > self.max_entries:
+                (self._valid if self._valid else self._invalid).popitem(last=False)
 
 
 MAX_LINE = 1024      # an address is at most 254 octets; longer lines are garbage
 
 
-def _bounded_lines(handle) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    """Lines of at most MAX_LINE characters; a longer one is read in pieces and given as "x"."""
+def _bounded_lines(handle) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
+    """The lines of a binary file, read in 1 MiB blocks; a line longer than MAX_LINE (say a
+    file of garbage with no newline) is dropped as it streams by and given as one b"x"."""
+    tail, skipping = b"", False
     while True:
-        line = handle.readline(MAX_LINE)
-        if not line:
-            return
-        if len(line) == MAX_LINE and not line.endswith("\n"):
-            while True:                 # skip the rest of an over-long line, piece by piece
-                rest = handle.readline(MAX_LINE)
-                if not rest or rest.endswith("\n"):
-                    break
-            yield "x"                   # counted as one malformed line
-            continue
-        yield line
+        block = handle.read(1 << 20)
+        if not block:
+            break
+        lines = block.replace(b"\r", b"\n").split(b"\n")     # CRLF and bare CR too
+        lines[0] = tail + lines[0]
+        tail = lines.pop()
+        for line in lines:
+            if skipping:
+                skipping = False
+                continue
+            yield line if len(line) <= MAX_LINE else b"x"
+        if len(tail) > MAX_LINE:
+            if not skipping:
+                yield b"x"
+            tail, skipping = b"", True
+    if tail and not skipping:
+        yield tail if len(tail) <= MAX_LINE else b"x"
 
 
 def _fsync_dir(directory: str) -> None:
@@ -214,20 +242,21 @@ def _lines(entries: list[tuple[str, bool, float]]) -> Iterator[str]:
         yield f"{VALID if valid else INVALID} {address} {int(expiry)}\n"
 
 
-def _parse_line(line: str) -> Optional[tuple[str, bool, Optional[float]]]:
+def _parse_line(raw: bytes) -> Optional[tuple[str, bool, Optional[float]]]:
     """`CODE ADDRESS [EXPIRY]` -> (address, valid, expiry or None); None if malformed."""
-    fields = line.split()
-    if len(fields) not in (2, 3) or fields[0] not in ("0", "1"):
+    fields = raw.split()
+    if len(fields) not in (2, 3) or fields[0] not in (b"0", b"1"):
         return None
     address = fields[1]
-    if len(address) > 254 or "@" not in address or any(ord(c) < 32 or c in "<>" for c in address):
+    if len(address) > 254 or b"@" not in address or b"<" in address or b">" in address or \
+            any(c < 32 for c in address):
         return None
     expiry: Optional[float] = None
     if len(fields) == 3:
         if not fields[2].isdigit():
             return None
         expiry = float(fields[2])
-    return address, fields[0] == "0", expiry
+    return address.decode("utf-8", "surrogateescape"), fields[0] == b"0", expiry
 
 
 def load_file(cache: VerdictCache, path: Optional[str]) -> None:
