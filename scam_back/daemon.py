@@ -228,11 +228,14 @@ class Housekeeper:
 
     def _run(self) -> None:
         saving = bool(self.path) and self.interval > 0
-        next_save = time.monotonic() + self.interval
-        while not self._stop.wait(self.REAP_EVERY if self.pool else max(1, self.interval)):
-            if self.pool is not None:
+        next_save = time.monotonic() + self.interval if saving else float("inf")
+        next_reap = time.monotonic() + self.REAP_EVERY
+        while not self._stop.wait(max(0.01, min(next_save, next_reap) - time.monotonic())):
+            now = time.monotonic()
+            if self.pool is not None and now >= next_reap:
                 self.pool.reap()
-            if saving and time.monotonic() >= next_save:
+                next_reap = now + self.REAP_EVERY
+            if now >= next_save:
                 cachemod.save_file(self.cache, self.path)
                 next_save = time.monotonic() + self.interval
 

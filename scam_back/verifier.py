@@ -82,10 +82,11 @@ class Verifier:
         try:
             address = addr.parse(raw)
         except addr.AddressError as exc:
-            # Control characters are an attack whatever the domain; other syntax faults are
-            # judged only for domains scam-back verifies, the rest go on unjudged.
+            # Control characters are an attack and <> is nobody, whatever the domain; other
+            # syntax faults are judged only for domains scam-back verifies, the rest go on.
             domain = addr.rough_domain(raw)
-            if not addr.CONTROL.search(raw) and (not domain or self.router.route(domain) is None):
+            hopeless = bool(addr.CONTROL.search(raw)) or not raw.strip(" <>")
+            if not hopeless and (not domain or self.router.route(domain) is None):
                 return Verdict(Kind.SKIPPED, "rule", reply=f"domain not routed ({exc})")
             return Verdict(Kind.BAD_SYNTAX, "rule", reply=str(exc))
         if address.local.lower() in self.skip_recipients or \
