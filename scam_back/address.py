@@ -8,6 +8,8 @@ from dataclasses import dataclass
 MAX_ADDRESS_OCTETS = 254            # RFC 5321 path limit (256) less the angle brackets
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 SOURCE_ROUTE = re.compile(r"^@[^:,]+(?:,@[^:,]+)*:")
+# The everyday address: unquoted dot-atom local part, plain domain. Parsed without the slow path.
+SIMPLE = re.compile(r"<?([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)\.?>?")
 
 
 class AddressError(ValueError):
@@ -20,11 +22,12 @@ class Address:
 
     local: str
     domain: str          # lower-cased, trailing dots removed; "" when there was no @domain
+    text: str = ""       # the address as sent to the backend and stored in the cache
 
-    @property
-    def text(self) -> str:
-        """The address as sent to the backend and stored in the cache."""
-        return f"{self.local}@{self.domain}" if self.domain else self.local
+    def __post_init__(self) -> None:
+        if not self.text:
+            object.__setattr__(self, "text", f"{self.local}@{self.domain}" if self.domain
+                               else self.local)
 
     @property
     def is_utf8(self) -> bool:
@@ -66,6 +69,10 @@ def parse(raw: str) -> Address:
     Angle brackets around the whole are removed, a source route (<@a,@b:u@d>) is dropped as
     RFC 5321 allows, and the domain is lower-cased without trailing dots.
     """
+    simple = SIMPLE.fullmatch(raw)
+    if simple and len(raw) <= MAX_ADDRESS_OCTETS and (raw[0] == "<") == (raw[-1] == ">"):
+        local, domain = simple.group(1), simple.group(2).lower()
+        return Address(local, domain, f"{local}@{domain}")
     if CONTROL.search(raw):
         raise AddressError("control character (CR, LF, NUL, ...) in the address")
     text = raw.strip(" ")

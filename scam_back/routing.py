@@ -15,9 +15,14 @@ class Route:
 
     key: str
     hosts: tuple[HostSpec, ...]
+    label: str = ""      # the hosts as log lines show them
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", ",".join(str(h) for h in self.hosts))
 
     def __str__(self) -> str:
-        return ",".join(str(h) for h in self.hosts)
+        return self.label
 
 
 def normalise_domain(domain: str) -> str:

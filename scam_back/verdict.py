@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 ENHANCED_AT_START = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
 ENHANCED_QMAIL = re.compile(r"\(#([245])\.(\d{1,3})\.(\d{1,3})\)\s*$")
@@ -21,8 +21,7 @@ class Kind(enum.Enum):
     BAD_SYNTAX = "bad-syntax"  # not safe to send to a backend: 550 5.1.3
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """The answer for one recipient, with what the log line needs to explain it."""
 
     kind: Kind

@@ -71,11 +71,14 @@ class Verifier:
         """The verdict for one RCPT address, logged as one line."""
         start = time.monotonic()
         verdict = self._decide(raw, start)
-        verdict = Verdict(verdict.kind, verdict.source, verdict.backend, verdict.reply,
-                          int((time.monotonic() - start) * 1000))
-        log.info("qid=%s rcpt=<%s> backend=%s verdict=%s source=%s reply=\"%s\" ms=%d",
-                 qid or "-", raw.strip("<>")[:300].encode("unicode_escape").decode("ascii"),
-                 verdict.backend, verdict.kind.value, verdict.source, verdict.reply, verdict.ms)
+        verdict = verdict._replace(ms=int((time.monotonic() - start) * 1000))
+        if log.isEnabledFor(logging.INFO):
+            shown = raw.strip("<>")[:300]
+            if not shown.isprintable():
+                shown = shown.encode("unicode_escape").decode("ascii")
+            log.info("qid=%s rcpt=<%s> backend=%s verdict=%s source=%s reply=\"%s\" ms=%d",
+                     qid or "-", shown, verdict.backend, verdict.kind.value, verdict.source,
+                     verdict.reply, verdict.ms)
         return verdict
 
     def _decide(self, raw: str, start: float) -> Verdict:
@@ -96,11 +99,11 @@ class Verifier:
         if route is None:
             return Verdict(Kind.SKIPPED, "rule", reply="domain not routed")
         if address.is_utf8:
-            return Verdict(Kind.SKIPPED, "rule", str(route), "SMTPUTF8 address, not verified")
+            return Verdict(Kind.SKIPPED, "rule", route.label, "SMTPUTF8 address, not verified")
         hit = self.cache.get(address.text)
         if hit is not None and not hit.stale:
             kind = Kind.VALID if hit.valid else Kind.INVALID
-            return Verdict(kind, "cache", str(route), f"cached, expires in {int(hit.expires_in)} s")
+            return Verdict(kind, "cache", route.label, "cached")
         hosts = backend_hosts(route, address.domain)
         deadline = start + self.config.verify_timeout
         verdict = self.gate.run(address.text.lower(), deadline,
