@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -38,6 +39,35 @@ class LoadResult:
     malformed: int = 0
 
 
+SHARDS = 64                 # big caches are split so no single lock hold or copy is long
+SHARD_FROM = 65_536         # caches smaller than this stay one exact-LRU shard
+
+
+class _Shard:
+    """One lock, and a valid and an invalid LRU list with their bounds."""
+
+    __slots__ = ("lock", "valid", "invalid", "valid_max", "invalid_max", "max_entries")
+
+    def __init__(self, valid_max: int, invalid_max: int, max_entries: int) -> None:
+        self.lock = threading.Lock()
+        self.valid: "OrderedDict[str, float]" = OrderedDict()
+        self.invalid: "OrderedDict[str, float]" = OrderedDict()
+        self.valid_max, self.invalid_max, self.max_entries = valid_max, invalid_max, max_entries
+
+    def store(self, key: str, valid: bool, expires: float) -> None:
+        """Insert under the caller-held lock, evicting within the verdict's own list first."""
+        entries, other, bound = ((self.valid, self.invalid, self.valid_max) if valid
+                                 else (self.invalid, self.valid, self.invalid_max))
+        if key in other:
+            del other[key]
+        entries[key] = expires
+        entries.move_to_end(key)
+        while len(entries) > bound:
+            entries.popitem(last=False)
+        while len(entries) + len(other) > self.max_entries:
+            (entries if entries else other).popitem(last=False)
+
+
 class VerdictCache:
     """Address -> (valid, expiry). Keys are lower-cased; the least recently used go first.
 
@@ -46,6 +76,7 @@ class VerdictCache:
     BackCacheMax), and the rest of BackCacheMax is kept for valid ones. Entries past their TTL
     stay for stale_grace seconds, flagged stale. Expiry runs on the monotonic clock, so
     wall-clock jumps never expire or revive entries; it becomes Unix time only in the file.
+    A big cache is split by key hash into shards, each with its own lock and LRU order.
     """
 
     def __init__(self, valid_ttl: float, invalid_ttl: float, max_entries: int = 1_000_000,
@@ -54,25 +85,39 @@ class VerdictCache:
                  invalid_max: Optional[int] = None, stale_grace: float = 0) -> None:
         self.valid_ttl, self.invalid_ttl = valid_ttl, invalid_ttl
         self.max_entries = max_entries
-        wanted = max_entries if invalid_max is None else invalid_max
-        self.invalid_max = max(1, min(wanted, max_entries // 2)) if invalid_max is not None \
-            else max_entries
-        self.valid_max = max(1, max_entries - (self.invalid_max if invalid_max is not None else 0))
+        if invalid_max is None:
+            self.invalid_max = self.valid_max = max_entries
+        else:
+            self.invalid_max = max(1, min(invalid_max, max_entries // 2))
+            self.valid_max = max(1, max_entries - self.invalid_max)
         self.stale_grace = stale_grace
         self.clock, self.wallclock = clock, wallclock
-        self._lock = threading.Lock()
-        self._valid: "OrderedDict[str, float]" = OrderedDict()
-        self._invalid: "OrderedDict[str, float]" = OrderedDict()
+        count = SHARDS if max_entries >= SHARD_FROM else 1
+        self._shards = [_Shard(-(-self.valid_max // count), -(-self.invalid_max // count),
+                               -(-max_entries // count)) for _ in range(count)]
+
+    def _shard(self, key: str) -> _Shard:
+        shards = self._shards
+        return shards[hash(key) % len(shards)] if len(shards) > 1 else shards[0]
 
     def __len__(self) -> int:
-        return len(self._valid) + len(self._invalid)
+        return sum(len(s.valid) + len(s.invalid) for s in self._shards)
+
+    def counts(self) -> tuple[int, int]:
+        """(valid, invalid) entries held, stale ones included."""
+        return (sum(len(s.valid) for s in self._shards), sum(len(s.invalid) for s in self._shards))
+
+    def locked(self) -> bool:
+        """True if any shard's lock is held (for tests that prove no lock spans network I/O)."""
+        return any(s.lock.locked() for s in self._shards)
 
     def get(self, address: str) -> Optional[CacheHit]:
         """The verdict for an address, or None; stale ones only within the grace period."""
         key = address.lower()
         now = self.clock()
-        with self._lock:
-            for valid, entries in ((True, self._valid), (False, self._invalid)):
+        shard = self._shard(key)
+        with shard.lock:
+            for valid, entries in ((True, shard.valid), (False, shard.invalid)):
                 expires = entries.get(key)
                 if expires is None:
                     continue
@@ -92,38 +137,33 @@ class VerdictCache:
         ttl = self.valid_ttl if valid else self.invalid_ttl
         if ttl <= 0 or any(ch.isspace() for ch in address):
             return
-        self._store(address.lower(), valid, self.clock() + ttl)
-
-    def _store(self, key: str, valid: bool, expires: float) -> None:
-        entries, other, bound = ((self._valid, self._invalid, self.valid_max) if valid
-                                 else (self._invalid, self._valid, self.invalid_max))
-        with self._lock:
-            other.pop(key, None)
-            entries[key] = expires
-            entries.move_to_end(key)
-            while len(entries) > bound:
-                entries.popitem(last=False)
-            while len(entries) + len(other) > self.max_entries:
-                (entries if entries else other).popitem(last=False)
+        key = address.lower()
+        shard = self._shard(key)
+        with shard.lock:
+            shard.store(key, valid, self.clock() + ttl)
 
     def remove(self, address: str) -> bool:
         """Forget one address; True if it was cached."""
         key = address.lower()
-        with self._lock:
-            return (self._valid.pop(key, None) is not None) | \
-                (self._invalid.pop(key, None) is not None)
+        shard = self._shard(key)
+        with shard.lock:
+            return (shard.valid.pop(key, None) is not None) | \
+                (shard.invalid.pop(key, None) is not None)
 
     def snapshot(self) -> list[tuple[str, bool, float]]:
         """A copy of the entries (stale ones within grace too) as (address, valid, Unix expiry).
 
-        The lock is held only for two list copies.
+        Each shard's lock is held only while its two lists are copied.
         """
         now, wall = self.clock(), self.wallclock()
-        with self._lock:
-            valid, invalid = list(self._valid.items()), list(self._invalid.items())
         keep = now - self.stale_grace
-        return [(k, True, wall + (exp - now)) for k, exp in valid if exp > keep] + \
-            [(k, False, wall + (exp - now)) for k, exp in invalid if exp > keep]
+        out: list[tuple[str, bool, float]] = []
+        for shard in self._shards:
+            with shard.lock:
+                valid, invalid = list(shard.valid.items()), list(shard.invalid.items())
+            out.extend((k, True, wall + (exp - now)) for k, exp in valid if exp > keep)
+            out.extend((k, False, wall + (exp - now)) for k, exp in invalid if exp > keep)
+        return out
 
     def save(self, path: str) -> int:
         """Write live entries to a temporary file, then rename it over path; returns the count.
@@ -183,20 +223,30 @@ class VerdictCache:
         return LoadResult(loaded + len(batch), expired, malformed)
 
     def _store_many(self, entries: list[tuple[str, bool, float]]) -> None:
-        with self._lock:
-            for key, valid, expires in entries:
-                target, other = (self._valid, self._invalid) if valid else (self._invalid, self._valid)
-                if key in other:
-                    del other[key]
-                target[key] = expires
-            for entries_, bound in ((self._valid, self.valid_max), (self._invalid, self.invalid_max)):
-                while len(entries_) > bound:
-                    entries_.popitem(last=False)
-            while len(self._valid) + len(self._invalid) > self.max_entries:
-                (self._valid if self._valid else self._invalid).popitem(last=False)
+        """Bulk insert (loading): grouped by shard, one C-level update per list and shard."""
+        count = len(self._shards)
+        groups: list[tuple[list, list]] = [([], []) for _ in range(count)]
+        for key, valid, expires in entries:
+            groups[hash(key) % count if count > 1 else 0][0 if valid else 1].append((key, expires))
+        for shard, (valid, invalid) in zip(self._shards, groups):
+            with shard.lock:
+                for items, target, other, bound in ((valid, shard.valid, shard.invalid, shard.valid_max),
+                                                    (invalid, shard.invalid, shard.valid,
+                                                     shard.invalid_max)):
+                    if not items:
+                        continue
+                    if other:
+                        for key in other.keys() & {k for k, _ in items}:
+                            del other[key]
+                    target.update(items)
+                    while len(target) > bound:
+                        target.popitem(last=False)
+                while len(shard.valid) + len(shard.invalid) > shard.max_entries:
+                    (shard.valid if shard.valid else shard.invalid).popitem(last=False)
 
 
 MAX_LINE = 1024      # an address is at most 254 octets; longer lines are garbage
+_UNSAFE = re.compile(rb"[\x00-\x1f<>]")
 
 
 def _bounded_lines(handle) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
@@ -248,8 +298,7 @@ def _parse_line(raw: bytes) -> Optional[tuple[str, bool, Optional[float]]]:
     if len(fields) not in (2, 3) or fields[0] not in (b"0", b"1"):
         return None
     address = fields[1]
-    if len(address) > 254 or b"@" not in address or b"<" in address or b">" in address or \
-            any(c < 32 for c in address):
+    if len(address) > 254 or b"@" not in address or _UNSAFE.search(address):
         return None
     expiry: Optional[float] = None
     if len(fields) == 3:

@@ -408,7 +408,7 @@ def test_flood_of_invalid_addresses_cannot_evict_valid_ones():
     for n in range(5000):
         cache.put(f"random{n}@x", False)
     assert all(cache.get(f"good{n}@x") for n in range(800))
-    assert len(cache._invalid) == 100 and len(cache) <= 1000
+    assert cache.counts()[1] == 100 and len(cache) <= 1000
 
 
 def test_invalid_bound_is_at_most_half_the_cache():

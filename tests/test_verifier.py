@@ -353,7 +353,7 @@ def test_lock_is_never_held_while_the_backend_is_asked():
 
     def replies(verb, line, conn):
         if verb == "RCPT":
-            held.append(cache._lock.locked())
+            held.append(cache.locked())
         return None
     cache = VerdictCache(86400, 3000)
     with ScriptedBackend(replies=replies) as server:
