@@ -10,15 +10,14 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 log = logging.getLogger("scam-back")
 
 VALID, INVALID = 0, 1   # the original's codes in the cache file
 
 
-@dataclass(frozen=True)
-class CacheHit:
+class CacheHit(NamedTuple):
     """A cached verdict: valid or not, and seconds until it expires (negative: stale)."""
 
     valid: bool

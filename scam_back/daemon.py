@@ -293,6 +293,7 @@ def serve(options: Options, config: Config, router: Router) -> int:
                                   stale_grace=config.stale_grace)
     pool = SessionPool(config.idle_timeout, config.max_probes)
     keeper = Housekeeper(cache, cache_path, config.save_interval, pool)
+    logmod.enable_fast_verdicts()
     try:
         cachemod.load_file(cache, cache_path)
         verifier = Verifier(config, router, cache, pool=pool)
@@ -318,3 +319,4 @@ def serve(options: Options, config: Config, router: Router) -> int:
                 if exc.errno != errno.ENOENT:
                     log.warning("cannot remove pid file %s: %s", pid_file, exc.strerror)
         log.info("Exit")
+        logmod.disable_fast_verdicts()

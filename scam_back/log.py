@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import logging.handlers
 import os
+import signal
 import sys
+import threading
+from typing import Callable, Optional
 
 NOTICE = 25
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": NOTICE,
@@ -13,6 +17,10 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": NOTICE,
 SYSLOG_SOCKET = "/dev/log"
 
 log = logging.getLogger("scam-back")
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+# Writers for verdict lines, which bypass the logging machinery once the daemon asks for it.
+_fast_sinks: list[Callable[[list[bytes]], None]] = []
+_writer: "Optional[_VerdictWriter]" = None
 
 
 class QuietSysLogHandler(logging.handlers.SysLogHandler):
@@ -59,7 +67,96 @@ def setup(level: str = "info", stderr: bool = True, syslog_socket: str = SYSLOG_
         handler = QuietStreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("scam-back: %(message)s"))
         log.addHandler(handler)
+    _fast_sinks[:] = [_fast_sink(h) for h in log.handlers]
     return has_syslog
+
+
+def _fast_sink(handler: logging.Handler) -> Callable[[list[bytes]], None]:
+    """A writer of verdict lines to the same place, in the same form, as the handler's."""
+    if isinstance(handler, logging.handlers.SysLogHandler):
+        head = f"<{handler.encodePriority(handler.facility, 'info')}>{handler.ident}".encode()
+
+        def to_syslog(lines: list[bytes]) -> None:
+            for line in lines:
+                try:
+                    handler.socket.send(head + line + b"\000")
+                except OSError:
+                    pass
+        return to_syslog
+    stream = getattr(handler, "stream", sys.stderr)
+
+    def to_stream(lines: list[bytes]) -> None:
+        try:
+            os.write(stream.fileno(), b"".join(b"scam-back: " + line + b"\n" for line in lines))
+        except (OSError, ValueError):
+            pass
+    return to_stream
+
+
+class _VerdictWriter:
+    """Writes queued verdict lines every FLUSH_EVERY seconds from one thread.
+
+    A write or send in the MTA's thread releases the GIL, and with many MTA threads that
+    hand-off cost more than the decision itself; appending to a deque costs nothing.
+    """
+
+    FLUSH_EVERY = 0.02
+
+    def __init__(self) -> None:
+        self.lines: "collections.deque[bytes]" = collections.deque()
+        self._stop = threading.Event()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self._thread = threading.Thread(target=self._run, name="verdict-log", daemon=True)
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.FLUSH_EVERY):
+            self.flush()
+
+    def flush(self) -> None:
+        batch: list[bytes] = []
+        try:
+            while True:
+                batch.append(self.lines.popleft())
+        except IndexError:
+            pass
+        if batch:
+            for sink in _fast_sinks:
+                sink(batch)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.flush()
+
+
+def enable_fast_verdicts() -> None:
+    """Daemon only, after detaching: verdict lines are queued and written in batches."""
+    global _writer
+    if _writer is None:
+        _writer = _VerdictWriter()
+
+
+def disable_fast_verdicts() -> None:
+    """Write what is queued; later verdict lines go through logging again."""
+    global _writer
+    writer, _writer = _writer, None
+    if writer is not None:
+        writer.stop()
+
+
+def verdict(message: str) -> None:
+    """Log one verdict line at info level."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    writer = _writer
+    if writer is not None and _fast_sinks:
+        writer.lines.append(message.encode("utf-8", "backslashreplace"))
+    else:
+        log.info("%s", message)
 
 
 def set_level(level: str) -> None:

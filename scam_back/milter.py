@@ -86,6 +86,10 @@ class ScamBackMilter(Milter.Base):
             log.exception("internal error in envfrom")
         return Milter.CONTINUE
 
+    def envrcpt_bytes(self, to: bytes, *params: bytes) -> int:
+        """pymilter's entry point: decode only the address (the ESMTP parameters go unused)."""
+        return self.envrcpt(to.decode("utf-8", "surrogateescape"))
+
     @_guarded
     def envrcpt(self, to: str, *params: str) -> int:
         if self.authenticated or self.probe_transaction:

@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Callable, Optional
 
 from . import address as addr
+from . import log as logmod
 from .backend import BackendError, BackendSession, SessionSettings
 from .cache import VerdictCache
 from .health import Backoff
@@ -76,9 +77,9 @@ class Verifier:
             shown = raw.strip("<>")[:300]
             if not shown.isprintable():
                 shown = shown.encode("unicode_escape").decode("ascii")
-            log.info("qid=%s rcpt=<%s> backend=%s verdict=%s source=%s reply=\"%s\" ms=%d",
-                     qid or "-", shown, verdict.backend, verdict.kind.value, verdict.source,
-                     verdict.reply, verdict.ms)
+            logmod.verdict(f"qid={qid or '-'} rcpt=<{shown}> backend={verdict.backend} "
+                           f"verdict={verdict.kind.value} source={verdict.source} "
+                           f"reply=\"{verdict.reply}\" ms={verdict.ms}")
         return verdict
 
     def _decide(self, raw: str, start: float) -> Verdict:

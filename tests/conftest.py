@@ -142,6 +142,7 @@ class Daemon:
         raise RuntimeError(f"scam-back did not come up in {timeout} s: {self.log()}")
 
     def log(self) -> str:
+        time.sleep(0.1)     # verdict lines are written from a thread every 20 ms
         try:
             return Path(self.logpath).read_text(errors="replace")
         except OSError:

@@ -66,3 +66,26 @@ def test_vanished_syslog_prints_no_traceback(syslog_socket, capsys):
     for _ in range(3):
         logging.getLogger("scam-back").info("into the void")
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_fast_verdict_lines_have_the_same_syslog_form(syslog_socket):
+    sock, path = syslog_socket
+    logmod.setup("info", stderr=False, syslog_socket=path)
+    logmod.enable_fast_verdicts()
+    try:
+        logmod.verdict("qid=Q2 rcpt=<b@c> verdict=invalid")
+    finally:
+        logmod.disable_fast_verdicts()
+    assert sock.recv(4096).decode() == f"<22>scam-back[{os.getpid()}]: qid=Q2 rcpt=<b@c> verdict=invalid\x00"
+
+
+def test_fast_verdict_lines_respect_the_log_level(syslog_socket):
+    sock, path = syslog_socket
+    logmod.setup("warning", stderr=False, syslog_socket=path)
+    logmod.enable_fast_verdicts()
+    try:
+        logmod.verdict("hidden")
+    finally:
+        logmod.disable_fast_verdicts()
+    logging.getLogger("scam-back").warning("shown")
+    assert "shown" in sock.recv(4096).decode()
