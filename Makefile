@@ -6,7 +6,7 @@ VENV     ?= .venv
 RUN_DIR  ?= /var/spool/scam
 RUN_USER ?= nobody
 
-.PHONY: setup run test check clean apt
+.PHONY: setup run test bench clean apt
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,11 @@ run: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+# Benchmarks print tables (nothing is asserted); BENCH_FLAGS=--write also writes bench/results.md,
+# BENCH_FLAGS=--quick is a short smoke run. Needs root (Postfix, -u nobody).
+bench: setup
+	$(VENV)/bin/python bench/run_all.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,156 @@
+"""Benchmark 1: cached RCPT decisions over the milter protocol, scam-back against a do-nothing milter.
+
+The real daemon starts with a cache file of N entries (user0..user{N-1}@example.net, all valid)
+and is driven from C concurrent milter connections (unix socket), each sending transactions of
+5 RCPTs that all hit the cache (random addresses among the N), then end of message. The
+do-nothing pymilter milter (bench/null_milter.py: same pymilter, same libmilter, CONTINUE on
+every RCPT) is driven the same way in the same run, cell by cell. The load comes from several
+client processes (threads inside each), and their CPU is reported: on 2 cores the client shares
+the machine with the milter, so the ratios are the meaningful numbers.
+
+    .venv/bin/python bench/milter_load.py [--seconds 5] [--sizes 1000,1000000] [--conns 1,10,50]
+    .venv/bin/python bench/milter_load.py --quick      # N=1000, C=1 and 10, 2 s per cell
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from common import (CORES, AcceptAllBackend, BenchDaemon, LoadSpec, NullMilterProcess,
+                    cache_max_for, daemon_conf, fmt, machine_line, protocol_text, ratio, run_load,
+                    say, table)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per cell")
+    parser.add_argument("--warmup", type=float, default=0.5, help="uncounted start of each cell")
+    parser.add_argument("--sizes", default="1000,1000000", help="cache sizes N")
+    parser.add_argument("--conns", default="1,10,50", help="concurrent milter connections C")
+    parser.add_argument("--procs", type=int, default=0, help="client processes (0: about C/10)")
+    parser.add_argument("--rcpts", type=int, default=5, help="recipients per transaction")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="runs per milter and cell, alternating ABBA; the best run is shown "
+                             "(default 2; 1 with --quick)")
+    parser.add_argument("--tx-per-conn", type=int, default=0,
+                        help="transactions per milter connection (0: one connection per run)")
+    parser.add_argument("--end", choices=("eom", "abort"), default="eom")
+    parser.add_argument("--log-level", default="info", help="scam-back LogLevel")
+    parser.add_argument("--quick", action="store_true", help="N=1000, C=1,10, 2 s: a smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.conns, args.seconds = "1000", "1,10", 2.0
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 2
+    args.sizes = [int(v) for v in str(args.sizes).split(",") if v]
+    args.conns = [int(v) for v in str(args.conns).split(",") if v]
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    rows, ratios, notes = [], [], []
+    backend = AcceptAllBackend().start()     # counts any cache miss (there should be none)
+    null = NullMilterProcess().start()
+    say(f"do-nothing milter ready in {null.ready_s:.2f} s")
+    try:
+        for size in args.sizes:
+            conf = daemon_conf(backend.port, log_level=args.log_level,
+                               cache_max=cache_max_for(size), save_interval=0)
+            daemon = BenchDaemon(conf, cache_entries=size)
+            say(f"starting scam-back with {size:,} cached entries")
+            daemon.start()
+            say(f"  ready in {daemon.ready_s:.2f} s (cache file written in {daemon.cache_write_s:.2f} s), "
+                f"RSS {daemon.rss_mb():.0f} MB")
+            notes.append(f"N={size:,}: scam-back ready {daemon.ready_s:.2f} s after exec, "
+                         f"RSS {daemon.rss_mb():.0f} MB, BackCacheMax {cache_max_for(size):,}")
+            if daemon.protocol != null.protocol and not any("negotiated" in n for n in notes):
+                notes.append(f"negotiated steps differ: scam-back [{protocol_text(daemon.protocol)}] "
+                             f"vs do-nothing [{protocol_text(null.protocol)}]")
+            try:
+                for index, conns in enumerate(args.conns):
+                    runs: dict = {"do-nothing": [], "scam-back": []}
+                    order = [("do-nothing", null), ("scam-back", daemon)]
+                    if index % 2:
+                        order.reverse()          # neither milter always runs first
+                    for rep in range(args.repeat):
+                        for name, milter in (order if rep % 2 == 0 else order[::-1]):   # ABBA
+                            spec = LoadSpec(milter.address, conns, args.seconds, ("cached", size),
+                                            rcpts=args.rcpts, warmup=args.warmup,
+                                            tx_per_conn=args.tx_per_conn, end=args.end,
+                                            procs=args.procs, seed=rep + 1)
+                            before = backend.rcpt_count()
+                            result = run_load(spec, watch={"milter": milter.pid})
+                            result.misses = backend.rcpt_count() - before  # type: ignore[attr-defined]
+                            runs[name].append(result)
+                            say(f"  N={size:,} C={conns} {name}: {result.rate:,.0f} RCPT/s "
+                                f"p50 {result.pct_ms(50):.2f} ms p99 {result.pct_ms(99):.2f} ms "
+                                f"client {result.client_cpu / args.seconds:.2f} cores")
+                    cell = {}
+                    for name in ("do-nothing", "scam-back"):
+                        best = cell[name] = max(runs[name], key=lambda r: r.rate)
+                        misses = sum(r.misses for r in runs[name])  # type: ignore[attr-defined]
+                        problems = sum(r.not_continue + len(r.errors) for r in runs[name]) + misses
+                        rows.append([f"{size:,}", conns, name, f"{best.rate:,.0f}",
+                                     " / ".join(f"{r.rate:,.0f}" for r in runs[name]),
+                                     fmt(best.pct_ms(50)), fmt(best.pct_ms(99)),
+                                     fmt(best.pct_ms(99.9)), fmt(best.max_ms, 1),
+                                     fmt(best.watched_cpu.get("milter", 0) / args.seconds),
+                                     fmt(best.client_cpu / args.seconds), f"{best.procs}",
+                                     fmt(max(0.0, best.system_busy * CORES - (
+                                         best.watched_cpu.get("milter", 0) + best.client_cpu)
+                                         / args.seconds)),
+                                     problems])
+                        for r in runs[name]:
+                            for error in r.errors[:3]:
+                                notes.append(f"N={size:,} C={conns} {name}: {error}")
+                            if r.not_continue:
+                                notes.append(f"N={size:,} C={conns} {name}: replies {dict(r.replies)}")
+                        if misses:
+                            notes.append(f"N={size:,} C={conns} {name}: {misses} RCPTs reached the "
+                                         "backend (cache misses)")
+                    sb, nm = cell["scam-back"], cell["do-nothing"]
+                    ratios.append([f"{size:,}", conns, ratio(sb.rate, nm.rate),
+                                   ratio(sb.pct_ms(50), nm.pct_ms(50)),
+                                   ratio(sb.pct_ms(99), nm.pct_ms(99))])
+            finally:
+                say("  stopping scam-back (saves its cache)")
+                daemon.stop()
+    finally:
+        null.stop()
+        backend.stop()
+
+    print("## milter_load: cached RCPT decisions, scam-back vs do-nothing pymilter milter\n")
+    print(f"{machine_line()}; {args.seconds:g} s per run after {args.warmup:g} s warm-up, "
+          f"{args.repeat} run(s) per milter and cell (ABBA order; the row shows the best run, "
+          "its latencies and CPU); "
+          f"{args.rcpts} RCPTs per transaction, then {args.end}; unix sockets; scam-back "
+          f"LogLevel {args.log_level}.\n")
+    print(table(["N cached", "C", "milter", "RCPT/s (best)", "each run", "p50 ms", "p99 ms", "p99.9 ms", "max ms",
+                 "milter CPU", "client CPU", "client procs", "other CPU", "errors/misses"], rows))
+    print()
+    print("CPU columns are cores (of %d) used during the window: the milter process, the load "
+          "client processes, and everything else on the machine (other CPU > 0.1 means something "
+          "else ran: the numbers of that row are disturbed). When milter + client CPU is near %d, "
+          "the client shares the machine with the milter and absolute rates are partly client-bound; "
+          "compare the ratios." % (CORES, CORES))
+    print()
+    print(table(["N cached", "C", "throughput scam-back/do-nothing", "p50 ratio",
+                 "p99 ratio"], ratios))
+    print()
+    print("Targets (issue 5): throughput >= 0.80x, p99 <= 1.25x of the do-nothing milter.")
+    if notes:
+        print()
+        for note in notes:
+            print(f"- {note}")
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    start = time.monotonic()
+    code = main(sys.argv[1:])
+    say(f"milter_load done in {time.monotonic() - start:.0f} s")
+    sys.exit(code)
