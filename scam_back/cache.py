@@ -92,8 +92,12 @@ class VerdictCache:
         self.stale_grace = stale_grace
         self.clock, self.wallclock = clock, wallclock
         count = SHARDS if max_entries >= SHARD_FROM else 1
-        self._shards = [_Shard(-(-self.valid_max // count), -(-self.invalid_max // count),
-                               -(-max_entries // count)) for _ in range(count)]
+        # Keys never spread quite evenly: shards get 5% slack so a full cache loses no entry to
+        # an unlucky shard, and the whole stays within 5% of BackCacheMax.
+        slack = 1.05 if count > 1 else 1.0
+        self._shards = [_Shard(int(-(-self.valid_max // count) * slack),
+                               int(-(-self.invalid_max // count) * slack),
+                               int(-(-max_entries // count) * slack)) for _ in range(count)]
 
     def _shard(self, key: str) -> _Shard:
         shards = self._shards
@@ -150,31 +154,36 @@ class VerdictCache:
                 (shard.invalid.pop(key, None) is not None)
 
     def snapshot(self) -> list[tuple[str, bool, float]]:
-        """A copy of the entries (stale ones within grace too) as (address, valid, Unix expiry).
+        """A copy of the entries (stale ones within grace too) as (address, valid, Unix expiry)."""
+        return [entry for part in self._snapshot_parts() for entry in part]
 
-        Each shard's lock is held only while its two lists are copied.
+    def _snapshot_parts(self) -> Iterator[list[tuple[str, bool, float]]]:
+        """The entries shard by shard; each shard's lock is held only while its lists are copied.
+
+        Taken a shard at a time, a save never holds a million objects alive at once, so neither
+        the copy nor a garbage collection it provokes stalls decisions for long.
         """
         now, wall = self.clock(), self.wallclock()
         keep = now - self.stale_grace
-        out: list[tuple[str, bool, float]] = []
         for shard in self._shards:
             with shard.lock:
                 valid, invalid = list(shard.valid.items()), list(shard.invalid.items())
-            out.extend((k, True, wall + (exp - now)) for k, exp in valid if exp > keep)
-            out.extend((k, False, wall + (exp - now)) for k, exp in invalid if exp > keep)
-        return out
+            yield [(k, True, wall + (exp - now)) for k, exp in valid if exp > keep] + \
+                [(k, False, wall + (exp - now)) for k, exp in invalid if exp > keep]
 
     def save(self, path: str) -> int:
         """Write live entries to a temporary file, then rename it over path; returns the count.
 
-        The lock is held only for the snapshot, never during the write.
+        A shard's lock is held only while it is copied, never during the write.
         """
-        entries = self.snapshot()
+        count = 0
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".scam-back-cache.", dir=directory)
         try:
             with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as handle:
-                handle.writelines(_lines(entries))
+                for entries in self._snapshot_parts():
+                    handle.writelines(_lines(entries))
+                    count += len(entries)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o600)
@@ -186,7 +195,7 @@ class VerdictCache:
             except OSError:
                 pass
             raise
-        return len(entries)
+        return count
 
     def load(self, path: str) -> LoadResult:
         """Read a cache file in the original's format (`0 addr`, `1 addr`), expiry optional.
