@@ -31,7 +31,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from common import (CORES, BenchDaemon, LoadSpec, cpu_seconds, daemon_conf, fmt, machine_line,
+from common import (print_notes, run_main, CORES, BenchDaemon, LoadSpec, cpu_seconds, daemon_conf, fmt, machine_line,
                     percentile, run_load, say, stop_pid, table, CLIENT_HOST, DAEMON_NAME)
 from tests.milterclient import MilterClient
 from tests.postfix import free_ports, listening_ports
@@ -314,16 +314,9 @@ def main(argv: list[str]) -> int:
     print()
     print("Targets (issue 5): at most 10 backend connections per 100 verifications under 50 "
           "concurrent connections; 50 simultaneous asks for one new address send exactly 1 RCPT.")
-    if notes:
-        print()
-        for note in notes:
-            print(f"- {note}")
-    print()
+    print_notes(notes)
     return 0
 
 
 if __name__ == "__main__":
-    start = time.monotonic()
-    code = main(sys.argv[1:])
-    say(f"backend_probes done in {time.monotonic() - start:.0f} s")
-    sys.exit(code)
+    run_main(main, "backend_probes")

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 
-from common import (BenchDaemon, LoadSpec, LogWatcher, cache_max_for, daemon_conf, fmt,
+from common import (print_notes, run_main, BenchDaemon, LoadSpec, LogWatcher, cache_max_for, daemon_conf, fmt,
                     machine_line, percentile, proc_status, run_load, say, table, write_cache_file)
 from scam_back import cache as cachemod
 from scam_back import config as configmod
@@ -315,16 +315,9 @@ def main(argv: list[str]) -> int:
     print()
     print("Targets (issue 5): RSS <= 250 MB at 1,000,000; load and save each < 3 s; no decision "
           "stalled > 50 ms by a save; start-up to ready < 1 s with an empty cache.")
-    if notes:
-        print()
-        for note in notes:
-            print(f"- {note}")
-    print()
+    print_notes(notes)
     return 0
 
 
 if __name__ == "__main__":
-    start = time.monotonic()
-    code = main(sys.argv[1:])
-    say(f"cache_scale done in {time.monotonic() - start:.0f} s")
-    sys.exit(code)
+    run_main(main, "cache_scale")

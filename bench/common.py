@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -688,3 +688,20 @@ class LogWatcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(2)
+
+
+def print_notes(notes: list[str]) -> None:
+    """The '- note' lines under a benchmark's tables, and the closing blank line."""
+    if notes:
+        print()
+        for note in notes:
+            print(f"- {note}")
+    print()
+
+
+def run_main(main: "Callable[[list[str]], int]", name: str) -> None:
+    """Run a benchmark's main(argv), say how long it took, exit with its code."""
+    start = time.monotonic()
+    code = main(sys.argv[1:])
+    say(f"{name} done in {time.monotonic() - start:.0f} s")
+    sys.exit(code)

@@ -18,7 +18,7 @@ import argparse
 import sys
 import time
 
-from common import (CORES, AcceptAllBackend, BenchDaemon, LoadSpec, NullMilterProcess,
+from common import (print_notes, run_main, CORES, AcceptAllBackend, BenchDaemon, LoadSpec, NullMilterProcess,
                     cache_max_for, daemon_conf, fmt, machine_line, protocol_text, ratio, run_load,
                     say, table)
 
@@ -141,16 +141,9 @@ def main(argv: list[str]) -> int:
                  "p99 ratio"], ratios))
     print()
     print("Targets (issue 5): throughput >= 0.80x, p99 <= 1.25x of the do-nothing milter.")
-    if notes:
-        print()
-        for note in notes:
-            print(f"- {note}")
-    print()
+    print_notes(notes)
     return 0
 
 
 if __name__ == "__main__":
-    start = time.monotonic()
-    code = main(sys.argv[1:])
-    say(f"milter_load done in {time.monotonic() - start:.0f} s")
-    sys.exit(code)
+    run_main(main, "milter_load")

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import (CORES, BenchDaemon, NullMilterProcess, cache_max_for, cpu_seconds,
+from common import (print_notes, run_main, CORES, BenchDaemon, NullMilterProcess, cache_max_for, cpu_seconds,
                     daemon_conf, fmt, machine_line, ratio, say, stop_pid, system_cpu, table)
 from tests.postfix import PostfixInstance, free_ports, listening_ports, postfix_available
 
@@ -221,16 +221,9 @@ def main(argv: list[str]) -> int:
                                      ["do-nothing milter / no milter", ratio(nm, none)]]))
     print()
     print("Target (issue 5): scam-back >= 0.95x the do-nothing milter.")
-    if notes:
-        print()
-        for note in notes:
-            print(f"- {note}")
-    print()
+    print_notes(notes)
     return 0
 
 
 if __name__ == "__main__":
-    start = time.monotonic()
-    code = main(sys.argv[1:])
-    say(f"postfix_load done in {time.monotonic() - start:.0f} s")
-    sys.exit(code)
+    run_main(main, "postfix_load")
