@@ -211,12 +211,17 @@ class VerdictCache:
         batch: list[tuple[str, bool, float]] = []
         with open(path, "rb") as handle:
             for raw in _bounded_lines(handle):
-                parsed = _parse_line(raw)
-                if parsed is None:
-                    if raw.strip():
-                        malformed += 1
-                    continue
-                address, valid, expiry = parsed
+                usual = _USUAL_LINE.fullmatch(raw)     # one C call for the common line
+                if usual is not None and b"@" in usual.group(2):
+                    address = usual.group(2).decode("utf-8", "surrogateescape")
+                    valid, expiry = usual.group(1) == b"0", float(usual.group(3))
+                else:
+                    parsed = _parse_line(raw)
+                    if parsed is None:
+                        if raw.strip():
+                            malformed += 1
+                        continue
+                    address, valid, expiry = parsed
                 ttl = ttls[valid]
                 # Never longer than today's TTL: a shortened TTL or an edited file cannot pin it.
                 expires = now + (ttl if expiry is None else min(expiry - wall, ttl))
@@ -255,6 +260,7 @@ class VerdictCache:
 
 MAX_LINE = 1024      # an address is at most 254 octets; longer lines are garbage
 _UNSAFE = re.compile(rb"[\x00-\x1f<>]")
+_USUAL_LINE = re.compile(rb"([01]) ([^\x00-\x20<>]{1,254}) (\d{1,15})\s*")
 
 
 def _bounded_lines(handle) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
