@@ -256,6 +256,9 @@ def warm_imports() -> None:
 
 def serve(options: Options, config: Config, router: Router) -> int:
     """Everything after the config is known good; returns the exit code."""
+    # A stop signal that arrives before libmilter's signal thread runs would kill the process
+    # before it saved anything or removed its pid file: keep the signals pending until then.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     uid, gid = lookup_ids(options.user, options.group)
     if os.geteuid() == 0 and uid in (None, 0):
         raise StartupError("refusing to run as root: start it with -u USER, an unprivileged user "
