@@ -313,8 +313,8 @@ def serve(options: Options, config: Config, router: Router) -> int:
         return EX_OK
     finally:
         keeper.stop()
-        pool.close()
         cachemod.save_file(cache, cache_path)
+        pool.close()
         if pid_file:
             try:
                 os.unlink(pid_file)

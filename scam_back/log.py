@@ -78,10 +78,18 @@ def _fast_sink(handler: logging.Handler) -> Callable[[list[bytes]], None]:
 
         def to_syslog(lines: list[bytes]) -> None:
             for line in lines:
+                data = head + line + b"\000"
                 try:
-                    handler.socket.send(head + line + b"\000")
+                    handler.socket.send(data)
                 except OSError:
-                    pass
+                    # syslogd restarted: reconnect once, as SysLogHandler.emit does.
+                    try:
+                        with handler.lock:
+                            handler.socket.close()
+                            handler._connect_unixsocket(handler.address)
+                        handler.socket.send(data)
+                    except OSError:
+                        pass
         return to_syslog
     stream = getattr(handler, "stream", sys.stderr)
 
@@ -103,7 +111,8 @@ class _VerdictWriter:
     FLUSH_EVERY = 0.02
 
     def __init__(self) -> None:
-        self.lines: "collections.deque[bytes]" = collections.deque()
+        # Bounded: a stalled syslog must cost lines, not memory.
+        self.lines: "collections.deque[bytes]" = collections.deque(maxlen=100_000)
         self._stop = threading.Event()
         old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
@@ -125,7 +134,10 @@ class _VerdictWriter:
             pass
         if batch:
             for sink in _fast_sinks:
-                sink(batch)
+                try:
+                    sink(batch)
+                except Exception:       # the writer thread must outlive any one bad write
+                    pass
 
     def stop(self) -> None:
         self._stop.set()

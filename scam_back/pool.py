@@ -57,18 +57,26 @@ class SessionPool:
                 keep = [(t, s) for t, s in idle if t > cutoff]
                 stale.extend(s for t, s in idle if t <= cutoff)
                 self._idle[key] = keep
-        for session in stale:
-            session.close()
+        _close_all(stale)
         return len(stale)
 
     def close(self) -> None:
-        """QUIT every idle session (at shutdown)."""
+        """QUIT every idle session (at shutdown), all within one short deadline."""
         with self._lock:
             sessions = [s for idle in self._idle.values() for _, s in idle]
             self._idle.clear()
-        for session in sessions:
-            session.close()
+        _close_all(sessions)
 
     def idle_count(self) -> int:
         with self._lock:
             return sum(len(idle) for idle in self._idle.values())
+
+
+CLOSE_WITHIN = 1.0      # a silent backend must not hold up shutdown or the periodic saves
+
+
+def _close_all(sessions: list[BackendSession]) -> None:
+    """Say RSET/QUIT to each session, all within CLOSE_WITHIN seconds together; then close."""
+    deadline = time.monotonic() + CLOSE_WITHIN
+    for session in sessions:
+        session.close(deadline)

@@ -143,8 +143,12 @@ class Verifier:
                     try:
                         return self._ask_and_return(session, address, deadline)
                     except BackendError as exc:
+                        errors.append(f"{session.label} {exc}")
+                        if time.monotonic() >= deadline:
+                            return Verdict(Kind.TROUBLE, "backend", session.label,
+                                           "; ".join(errors))
                         if exc.kind == "timeout":
-                            return Verdict(Kind.TROUBLE, "backend", session.label, str(exc))
+                            continue        # a stalled backend: fail over to the next one
                         # A pooled session the backend has since closed or spoilt (421 on RSET,
                         # say) is retried once on a fresh one.
                 session = BackendSession(host, port, self.settings)
@@ -156,7 +160,8 @@ class Verifier:
                     session.open(deadline)
                 except BackendError as exc:
                     errors.append(f"{label} {exc}")
-                    if exc.kind == "connect":
+                    if exc.kind in ("connect", "banner"):
+                        # Refused, or accepting and never greeting: either way, skip it a while.
                         self.backoff.failed(key, label, exc.detail)
                     if time.monotonic() >= deadline:
                         return Verdict(Kind.TROUBLE, "backend", label, "; ".join(errors))

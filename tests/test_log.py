@@ -89,3 +89,20 @@ def test_fast_verdict_lines_respect_the_log_level(syslog_socket):
         logmod.disable_fast_verdicts()
     logging.getLogger("scam-back").warning("shown")
     assert "shown" in sock.recv(4096).decode()
+
+
+def test_fast_verdict_lines_reconnect_after_a_syslog_restart(syslog_socket):
+    sock, path = syslog_socket
+    logmod.setup("info", stderr=False, syslog_socket=path)
+    logmod.enable_fast_verdicts()
+    try:
+        sock.close()
+        os.unlink(path)
+        again = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        again.bind(path)
+        again.settimeout(5)
+        logmod.verdict("after restart")
+    finally:
+        logmod.disable_fast_verdicts()
+    assert "after restart" in again.recv(4096).decode()
+    again.close()

@@ -62,3 +62,29 @@ def test_concurrent_verifications_never_share_a_session(backend):
 def test_idle_timeout_key_is_parsed():
     assert make_config("AllDomains: yes\nBackSMTPServer: 127.0.0.1\nBackIdleTimeout: 5\n"
                        ).idle_timeout == 5.0
+
+
+def test_a_stalled_pooled_session_fails_over_to_the_next_server(backend):
+    """A pooled session that stops answering must not end the verification while time is left."""
+    def replies(verb, line, conn):
+        return "hang" if verb == "RSET" else (b"250 ok\r\n" if verb == "RCPT" else None)
+    with ScriptedBackend(replies=replies) as primary:
+        table_text = (f"BackSMTPServer: 127.0.0.1\nBackSMTPPort: {primary.port}\n"
+                      "BackAddrDomain: example.net\nTimeoutSMTPReply: 1\nBackVerifyTimeout: 5\n")
+        verifier = make_verifier(table_text)
+        assert verifier.verify("a@example.net").kind is Kind.VALID
+        from scam_back.config import HostSpec
+        from scam_back.routing import Route
+        verifier.router.exact["example.net"] = Route("example.net", (
+            HostSpec("127.0.0.1", primary.port), HostSpec("127.0.0.1", backend.port)))
+        assert verifier.verify("bad@example.net").kind is Kind.INVALID
+        assert backend.connections == 1
+
+
+def test_a_backend_that_never_greets_is_backed_off():
+    with ScriptedBackend(accept_but_never_banner=True) as server:
+        verifier = make_verifier(f"BackSMTPServer: 127.0.0.1\nBackSMTPPort: {server.port}\n"
+                                 "BackAddrDomain: example.net\nTimeoutSMTPReply: 0.5\n")
+        assert verifier.verify("a@example.net").kind is Kind.TROUBLE
+        assert verifier.verify("b@example.net").kind is Kind.TROUBLE
+        assert server.connections == 1
