@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:
 from tests.conftest import IS_ROOT, RUN_USER, Daemon, user_dir  # noqa: E402
 from tests.milterclient import MilterClient, MilterError  # noqa: E402
 from tests import milterclient as mc  # noqa: E402
+from tests.procs import pid_alive  # noqa: E402
 from tests.smtpbackend import Backend  # noqa: E402
 
 DOMAIN = "example.net"
@@ -131,19 +132,6 @@ def system_cpu() -> tuple[float, float]:
     idle = values[3] + values[4]
     total = sum(values[:8])
     return total - idle, total
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return _stat_fields(pid)[0] != "Z"
-    except OSError:
-        return False
 
 
 def stop_pid(pid: Optional[int], timeout: float = STOP_TIMEOUT, proc: Optional[subprocess.Popen] = None) -> None:

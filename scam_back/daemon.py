@@ -25,13 +25,13 @@ from .config import Config
 from .milter import ScamBackMilter
 from .pool import SessionPool
 from .routing import Router
+from .threads import STOP_SIGNALS, start_quiet_thread
 from .verifier import Verifier
 
 log = logging.getLogger("scam-back")
 
 EX_OK, EX_USAGE, EX_NOUSER, EX_SOFTWARE, EX_OSERR, EX_CANTCREAT, EX_NOPERM, EX_CONFIG = \
     0, 64, 67, 70, 71, 73, 77, 78
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
 # Modules some libraries import lazily: load them while the code is still readable by root.
 WARM_IMPORTS = ("dns.rdtypes.IN.A", "dns.rdtypes.IN.AAAA", "dns.rdtypes.ANY.MX",
                 "dns.rdtypes.ANY.CNAME", "dns.rdtypes.ANY.SOA", "dns.rdtypes.ANY.NS",
@@ -219,12 +219,7 @@ class Housekeeper:
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            self._thread = threading.Thread(target=self._run, name="housekeeper", daemon=True)
-            self._thread.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        self._thread = start_quiet_thread(self._run, "housekeeper")
 
     def _run(self) -> None:
         saving = bool(self.path) and self.interval > 0

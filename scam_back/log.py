@@ -6,10 +6,11 @@ import collections
 import logging
 import logging.handlers
 import os
-import signal
 import sys
 import threading
 from typing import Callable, Optional
+
+from .threads import start_quiet_thread
 
 NOTICE = 25
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": NOTICE,
@@ -17,7 +18,6 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": NOTICE,
 SYSLOG_SOCKET = "/dev/log"
 
 log = logging.getLogger("scam-back")
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
 # Writers for verdict lines, which bypass the logging machinery once the daemon asks for it.
 _fast_sinks: list[Callable[[list[bytes]], None]] = []
 _writer: "Optional[_VerdictWriter]" = None
@@ -114,12 +114,7 @@ class _VerdictWriter:
         # Bounded: a stalled syslog must cost lines, not memory.
         self.lines: "collections.deque[bytes]" = collections.deque(maxlen=100_000)
         self._stop = threading.Event()
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            self._thread = threading.Thread(target=self._run, name="verdict-log", daemon=True)
-            self._thread.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        self._thread = start_quiet_thread(self._run, "verdict-log")
 
     def _run(self) -> None:
         while not self._stop.wait(self.FLUSH_EVERY):

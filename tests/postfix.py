@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
+from .procs import pid_alive
+
 POSTFIX = "/usr/sbin/postfix"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -88,21 +90,6 @@ def listening_ports() -> set[int]:
         if fields[3] == "0A" and address in ("0100007F", "00000000"):
             ports.add(int(port, 16))
     return ports
-
-
-def _pid_alive(pid: int) -> bool:
-    """True while pid runs; a zombie (nobody may reap an orphaned master here) counts as gone."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -261,7 +248,7 @@ class PostfixInstance:
         return self
 
     def alive(self) -> bool:
-        return self.pid is not None and _pid_alive(self.pid)
+        return self.pid is not None and pid_alive(self.pid)
 
     def stop(self) -> None:
         """SIGTERM to master by pid, a bounded wait, then SIGKILL to what is left of its group."""
@@ -277,7 +264,7 @@ class PostfixInstance:
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + STOP_TIMEOUT
-        while time.monotonic() < deadline and _pid_alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.05)
         if pgid > 1 and pgid != os.getpgrp():
             try:
@@ -285,7 +272,7 @@ class PostfixInstance:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + STOP_TIMEOUT
-        while time.monotonic() < deadline and (_pid_alive(pid) or _group_members(pgid)):
+        while time.monotonic() < deadline and (pid_alive(pid) or _group_members(pgid)):
             time.sleep(0.05)
 
     def cleanup(self) -> None:

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .procs import pid_alive
+
 ENV_ROOT = "SCAM_BACK_SENDMAIL_ROOT"     # an unpacked tree (the folder holding usr/)
 ENV_CACHE = "SCAM_BACK_SENDMAIL_CACHE"   # where the .debs are and root/ gets unpacked
 DEFAULT_CACHE = "/var/cache/scam-back-test/sendmail"
@@ -188,20 +190,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:   # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class SendmailInstance:
@@ -398,11 +386,11 @@ class SendmailInstance:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        while time.monotonic() < deadline and any(pid_alive(pid) for pid in pids):
             proc.poll()
             time.sleep(0.05)
         for pid in pids:        # a daemon that ignored SIGTERM
-            if _alive(pid):
+            if pid_alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
