@@ -12,7 +12,6 @@ from typing import Optional
 
 log = logging.getLogger("scam-back")
 
-MAX_RCPTS_PER_TRANSACTION = 50      # well under the 100 that RFC 5321 servers must take
 MAX_REPLY_BYTES = 64 * 1024         # a reply larger than this is garbage, not a verdict
 
 
@@ -98,7 +97,7 @@ def _format(host: str, port: int) -> str:
 class BackendSession:
     """A connection to one backend address: banner, EHLO/HELO, MAIL FROM, RCPTs, RSET, QUIT.
 
-    A session is used by one thread at a time (one MTA connection). Every command is bounded
+    A session is used by one thread at a time (the pool hands it out). Every command is bounded
     by TimeoutSMTPReply and by the caller's deadline, whichever comes first.
     """
 
@@ -108,8 +107,6 @@ class BackendSession:
         self._smtp: Optional[_SMTP] = None
         self._in_transaction = False
         self._needs_reset = False
-        self._rcpts = 0
-        self.used = False
 
     @property
     def is_open(self) -> bool:
@@ -168,7 +165,6 @@ class BackendSession:
             smtp.close()
             raise BackendError("banner", f"banner {code} {raw.decode('utf-8', 'replace')[:80]}")
         self._smtp = smtp
-        self.used = False
         self._in_transaction = self._needs_reset = False
         code, text = (0, "")
         if self.settings.ehlo:
@@ -191,17 +187,13 @@ class BackendSession:
             if code != 250:
                 self.close(deadline)
                 raise BackendError("mail", f"MAIL FROM refused: {code} {text[:120]}")
-            self._in_transaction, self._rcpts = True, 0
+            self._in_transaction = True
 
     def rcpt(self, address: str, deadline: float) -> tuple[int, str]:
         """Ask about one recipient; returns the reply code and text."""
         if not self.is_open:
             raise BackendError("closed", "session is not open")
-        self.used = True
-        if self._rcpts >= MAX_RCPTS_PER_TRANSACTION:
-            self._needs_reset = True
         self._begin(deadline)
-        self._rcpts += 1
         return self._command(f"RCPT TO:<{address}>", deadline)
 
     def reset(self) -> None:

@@ -145,14 +145,6 @@ class VerdictCache:
         with shard.lock:
             shard.store(key, valid, self.clock() + ttl)
 
-    def remove(self, address: str) -> bool:
-        """Forget one address; True if it was cached."""
-        key = address.lower()
-        shard = self._shard(key)
-        with shard.lock:
-            return (shard.valid.pop(key, None) is not None) | \
-                (shard.invalid.pop(key, None) is not None)
-
     def snapshot(self) -> list[tuple[str, bool, float]]:
         """A copy of the entries (stale ones within grace too) as (address, valid, Unix expiry)."""
         return [entry for part in self._snapshot_parts() for entry in part]

@@ -46,9 +46,3 @@ class Backoff:
             was = self._until.pop(key, None)
         if was is not None:
             log.info("backend %s reachable again", label)
-
-    def state(self) -> dict[tuple[str, int], tuple[int, bool]]:
-        """(failures in a row, skipped now) per address, for stats."""
-        now = self.clock()
-        with self._lock:
-            return {key: (count, self._until.get(key, 0) > now) for key, count in self._failed.items()}

@@ -23,7 +23,6 @@ class SessionPool:
         self.clock = clock
         self._idle: dict[tuple[str, int], list[tuple[float, BackendSession]]] = {}
         self._lock = threading.Lock()
-        self.opened = self.reused = 0
 
     def take(self, host: str, port: int) -> Optional[BackendSession]:
         """The most recently used idle session to this address, or None."""
@@ -32,7 +31,6 @@ class SessionPool:
             while idle:
                 _, session = idle.pop()
                 if session.is_open:
-                    self.reused += 1
                     return session
         return None
 

@@ -166,7 +166,6 @@ class Verifier:
                     if time.monotonic() >= deadline:
                         return Verdict(Kind.TROUBLE, "backend", label, "; ".join(errors))
                     continue
-                self.pool.opened += 1
                 self.backoff.succeeded(key, label)
                 try:
                     return self._ask_and_return(session, address, deadline)
