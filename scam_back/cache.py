@@ -131,6 +131,34 @@ class VerdictCache:
                 return CacheHit(valid, expires - now)
         return None
 
+    def fresh(self, key: str) -> Optional[bool]:
+        """The verdict for a lower-cased address if it is within its TTL, else None.
+
+        The hot path of every cached decision. A single dict read is atomic in CPython, so the
+        read takes no lock: with one shard (a small cache) every MTA thread would queue on it.
+        The LRU bump takes the lock only if it is free, and is skipped if not. Anything not
+        fresh goes through get(), which expires entries under the lock.
+        """
+        shards = self._shards
+        shard = shards[hash(key) % len(shards)]
+        entries = shard.valid
+        expires = entries.get(key)
+        if expires is None:
+            entries = shard.invalid
+            expires = entries.get(key)
+            if expires is None:
+                return None
+        if expires <= self.clock():
+            return None
+        if shard.lock.acquire(False):
+            try:
+                entries.move_to_end(key)
+            except KeyError:            # dropped since it was read
+                pass
+            finally:
+                shard.lock.release()
+        return entries is shard.valid
+
     def put(self, address: str, valid: bool) -> None:
         """Remember a verdict for its kind's TTL; a TTL of 0 means that kind is not cached.
 
@@ -163,6 +191,23 @@ class VerdictCache:
             yield [(k, True, wall + (exp - now)) for k, exp in valid if exp > keep] + \
                 [(k, False, wall + (exp - now)) for k, exp in invalid if exp > keep]
 
+    def _file_chunks(self) -> Iterator[tuple[str, int]]:
+        """The cache file's text a shard and a verdict kind at a time, with its line count.
+
+        Keys and expiries are copied as two flat lists under the shard's lock: no per-entry
+        tuples, so a save of a million entries barely wakes the garbage collector.
+        """
+        now = self.clock()
+        keep, offset = now - self.stale_grace, self.wallclock() - now
+        for shard in self._shards:
+            with shard.lock:
+                parts = [(VALID, list(shard.valid), list(shard.valid.values())),
+                         (INVALID, list(shard.invalid), list(shard.invalid.values()))]
+            for code, keys, expiries in parts:
+                lines = [f"{code} {key} {int(expires + offset)}\n"
+                         for key, expires in zip(keys, expiries) if expires > keep]
+                yield "".join(lines), len(lines)
+
     def save(self, path: str) -> int:
         """Write live entries to a temporary file, then rename it over path; returns the count.
 
@@ -173,9 +218,9 @@ class VerdictCache:
         fd, tmp = tempfile.mkstemp(prefix=".scam-back-cache.", dir=directory)
         try:
             with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as handle:
-                for entries in self._snapshot_parts():
-                    handle.writelines(_lines(entries))
-                    count += len(entries)
+                for text, lines in self._file_chunks():
+                    handle.write(text)
+                    count += lines
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o600)
@@ -291,11 +336,6 @@ def _fsync_dir(directory: str) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _lines(entries: list[tuple[str, bool, float]]) -> Iterator[str]:
-    for address, valid, expiry in entries:
-        yield f"{VALID if valid else INVALID} {address} {int(expiry)}\n"
 
 
 def _parse_line(raw: bytes) -> Optional[tuple[str, bool, Optional[float]]]:

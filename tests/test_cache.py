@@ -448,3 +448,34 @@ def test_a_huge_line_without_newline_is_one_malformed_line(tmp_path):
     cache = make()
     result = cache.load(str(path))
     assert (result.loaded, result.malformed) == (2, 2)
+
+
+def test_fresh_gives_only_verdicts_within_their_ttl():
+    now = [100.0]
+    cache = VerdictCache(10, 5, clock=lambda: now[0], stale_grace=100)
+    cache.put("Good@Example.net", True)
+    cache.put("bad@example.net", False)
+    assert cache.fresh("good@example.net") is True
+    assert cache.fresh("bad@example.net") is False
+    assert cache.fresh("other@example.net") is None
+    now[0] += 6
+    assert cache.fresh("bad@example.net") is None          # stale: for get() to judge
+    assert cache.get("bad@example.net").stale
+    assert cache.fresh("good@example.net") is True
+
+
+def test_fresh_hits_count_as_use_for_eviction():
+    cache = VerdictCache(100, 100, max_entries=3)
+    for name in ("a", "b", "c"):
+        cache.put(f"{name}@x.test", True)
+    assert cache.fresh("a@x.test") is True
+    cache.put("d@x.test", True)
+    assert cache.get("a@x.test") is not None and cache.get("b@x.test") is None
+
+
+def test_fresh_skips_the_lru_bump_rather_than_wait_for_a_busy_lock():
+    cache = VerdictCache(100, 100)
+    cache.put("a@x.test", True)
+    shard = cache._shard("a@x.test")
+    with shard.lock:
+        assert cache.fresh("a@x.test") is True
