@@ -106,3 +106,29 @@ def test_fast_verdict_lines_reconnect_after_a_syslog_restart(syslog_socket):
         logmod.disable_fast_verdicts()
     assert "after restart" in again.recv(4096).decode()
     again.close()
+
+
+def test_lines_rendered_by_the_writer_keep_their_order_and_form(syslog_socket):
+    sock, path = syslog_socket
+    logmod.setup("info", stderr=False, syslog_socket=path)
+    logmod.enable_fast_verdicts()
+    try:
+        logmod.verdict_bytes(b"qid=Q1 first")
+        logmod.verdict_later(lambda a, b: f"qid={a} {b}", "Q2", "second")
+        logmod.verdict_later(lambda: 1 / 0)                 # a line that cannot be rendered
+        logmod.verdict("qid=Q3 third")
+    finally:
+        logmod.disable_fast_verdicts()
+    got = [sock.recv(4096).decode() for _ in range(4)]
+    head = f"<22>scam-back[{os.getpid()}]: "
+    assert got[0] == head + "qid=Q1 first\x00"
+    assert got[1] == head + "qid=Q2 second\x00"
+    assert "could not be written" in got[2] and "ZeroDivisionError" in got[2]
+    assert got[3] == head + "qid=Q3 third\x00"
+
+
+def test_without_the_writer_lines_go_through_logging(caplog):
+    with caplog.at_level(logging.INFO, logger="scam-back"):
+        logmod.verdict_bytes(b"qid=Q1 bytes \xc3\xa9")
+        logmod.verdict_later(lambda a: f"qid={a} later", "Q2")
+    assert [r.getMessage() for r in caplog.records][-2:] == ["qid=Q1 bytes \u00e9", "qid=Q2 later"]
