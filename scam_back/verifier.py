@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from . import address as addr
 from . import log as logmod
@@ -22,6 +22,33 @@ from .routing import Route, Router
 from .verdict import Kind, Verdict, classify
 
 log = logging.getLogger("scam-back")
+
+
+ROUTED_MAX = 100_000
+
+
+def verdict_line(qid: str, raw: str, verdict: Verdict) -> str:
+    """The log line of one decision (rendered off the MTA's thread in the daemon)."""
+    shown = raw.strip("<>")[:300]
+    if not shown.isprintable():
+        shown = shown.encode("unicode_escape").decode("ascii")
+    return (f"qid={qid or '-'} rcpt=<{shown}> backend={verdict.backend} "
+            f"verdict={verdict.kind.value} source={verdict.source} "
+            f"reply=\"{verdict.reply}\" ms={verdict.ms}")
+
+
+def _encoded(line: str) -> bytes:
+    return line.encode("utf-8", "backslashreplace")
+
+
+class Known(NamedTuple):
+    """What a raw RCPT text is known to mean: its cache key, and its cached verdicts and lines."""
+
+    key: str
+    valid: Verdict
+    invalid: Verdict
+    valid_line: bytes           # the log line after "qid=- "
+    invalid_line: bytes
 
 
 def backend_hosts(route: Route, domain: str) -> tuple[HostSpec, ...]:
@@ -48,9 +75,22 @@ class Verifier:
         self.pool = pool or SessionPool(config.idle_timeout, config.max_probes)
         self.skip_daemons = frozenset(d.lower() for d in config.skip_daemons)
         self.skip_recipients = frozenset(r.lower() for r in config.skip_recipients)
+        # Raw RCPT texts that parse and are routed (which never changes for a text).
+        self._routed: dict[str, Known] = {}
+        self._skip_memo: dict[tuple[Optional[str], Optional[str]], str] = {}
 
     def skip_client(self, ip: Optional[str], daemon_name: Optional[str]) -> str:
         """Why a connection is not verified ("" if it is): unix socket, loopback, skip list, daemon."""
+        key = (ip, daemon_name)
+        reason = self._skip_memo.get(key)
+        if reason is None:
+            reason = self._skip_reason(ip, daemon_name)
+            if len(self._skip_memo) >= ROUTED_MAX:
+                self._skip_memo.clear()
+            self._skip_memo[key] = reason
+        return reason
+
+    def _skip_reason(self, ip: Optional[str], daemon_name: Optional[str]) -> str:
         if ip is None:
             return "not an IP connection"
         try:
@@ -70,17 +110,28 @@ class Verifier:
 
     def verify(self, raw: str, qid: str = "") -> Verdict:
         """The verdict for one RCPT address, logged as one line."""
+        # The hot path: an address seen before (parsed, routed) whose verdict is cached and fresh.
+        known = self._routed.get(raw)
+        if known is not None:
+            fresh = self.cache.fresh(known.key)
+            if fresh is not None:
+                logmod.verdict_bytes(b"qid=%s %s" % (qid.encode() if qid else b"-",
+                                                     known.valid_line if fresh else known.invalid_line))
+                return known.valid if fresh else known.invalid
         start = time.monotonic()
         verdict = self._decide(raw, start)
         verdict = verdict._replace(ms=int((time.monotonic() - start) * 1000))
-        if log.isEnabledFor(logging.INFO):
-            shown = raw.strip("<>")[:300]
-            if not shown.isprintable():
-                shown = shown.encode("unicode_escape").decode("ascii")
-            logmod.verdict(f"qid={qid or '-'} rcpt=<{shown}> backend={verdict.backend} "
-                           f"verdict={verdict.kind.value} source={verdict.source} "
-                           f"reply=\"{verdict.reply}\" ms={verdict.ms}")
+        logmod.verdict_later(verdict_line, qid, raw, verdict)
         return verdict
+
+    def _remember_route(self, raw: str, key: str, label: str) -> None:
+        """Note that raw parses to cache key `key` on a route: its next cached verdict is quick."""
+        if len(self._routed) >= ROUTED_MAX:
+            self._routed.clear()        # crude but O(1) on average; refilled by use
+        valid = Verdict(Kind.VALID, "cache", label, "cached")
+        invalid = Verdict(Kind.INVALID, "cache", label, "cached")
+        self._routed[raw] = Known(key, valid, invalid, _encoded(verdict_line("", raw, valid)[6:]),
+                                  _encoded(verdict_line("", raw, invalid)[6:]))
 
     def _decide(self, raw: str, start: float) -> Verdict:
         try:
@@ -101,6 +152,7 @@ class Verifier:
             return Verdict(Kind.SKIPPED, "rule", reply="domain not routed")
         if address.is_utf8:
             return Verdict(Kind.SKIPPED, "rule", route.label, "SMTPUTF8 address, not verified")
+        self._remember_route(raw, address.text.lower(), route.label)
         hit = self.cache.get(address.text)
         if hit is not None and not hit.stale:
             kind = Kind.VALID if hit.valid else Kind.INVALID

@@ -384,3 +384,42 @@ def test_bad_syntax_for_a_routed_domain_or_with_control_characters_is_550_5_1_3(
     assert verify(verifier, "x@elsewhere.test\r\nRSET").kind is Kind.BAD_SYNTAX
     assert verify(verifier, "<>").kind is Kind.BAD_SYNTAX
     assert backend.connections == 0
+
+
+def test_a_known_address_with_a_fresh_verdict_is_answered_from_the_cache(backend):
+    """The hot path (an address parsed and routed before) gives the same verdicts as the slow one."""
+    now = [1000.0]
+    cache = VerdictCache(60, 30, clock=lambda: now[0])
+    verifier = make_verifier(backend_conf(backend), cache)
+    for raw, kind in (("<good@example.net>", Kind.VALID), ("<bad@example.net>", Kind.INVALID)):
+        first = verifier.verify(raw, "Q1")
+        assert (first.kind, first.source) == (kind, "backend")
+        again = verifier.verify(raw, "Q2")
+        assert (again.kind, again.source, again.backend) == (kind, "cache", first.backend)
+    asked = backend.connections
+    cache.put("good@example.net", False)          # a newer verdict is seen at once
+    assert verifier.verify("<good@example.net>").kind is Kind.INVALID
+    now[0] += 61                                  # past both TTLs: asked again
+    assert verifier.verify("<good@example.net>").source == "backend"
+    assert verifier.verify("<bad@example.net>").source == "backend"
+    assert backend.connections >= asked
+
+
+def test_cached_decisions_are_logged_with_their_queue_id(backend, caplog):
+    verifier = make_verifier(backend_conf(backend))
+    with caplog.at_level("INFO", logger="scam-back"):
+        verifier.verify("<good@example.net>", "Q1")
+        verifier.verify("<good@example.net>", "Q2")
+        verifier.verify("<good@example.net>")
+    lines = [r.getMessage() for r in caplog.records if "rcpt=<good@example.net>" in r.getMessage()]
+    assert lines[1] == ('qid=Q2 rcpt=<good@example.net> backend=127.0.0.1:%d verdict=valid '
+                        'source=cache reply="cached" ms=0' % backend.port), lines
+    assert lines[2].startswith("qid=- rcpt=<good@example.net>")
+
+
+def test_skip_rules_still_hold_for_an_address_seen_before(backend):
+    verifier = make_verifier(backend_conf(backend, "BackSkipRecipient: abuse\n"))
+    for _ in range(2):
+        assert verifier.verify("<abuse@example.net>").kind is Kind.SKIPPED
+        assert verifier.verify("<x@elsewhere.test>").kind is Kind.SKIPPED
+    assert backend.connections == 0
