@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import socket
 import time
 from typing import Any, Callable, Optional
@@ -18,7 +17,7 @@ log = logging.getLogger("scam-back")
 
 TEMPFAIL_TEXT = "Recipient verification temporarily unavailable, try again later"
 TOO_MANY_TEXT = "Too many unknown recipients, closing connection"
-PROBE_SENDER = re.compile(r"^<?postmaster\+backscatter@[^>]*>?$", re.IGNORECASE)
+PROBE_PREFIX = "postmaster+backscatter@"      # another scam-back's probes: never verified
 SLOWDOWN_STEP = 0.25        # seconds added per unknown recipient past half the limit
 SLOWDOWN_MAX = 2.0
 SYNTAX_TEXT = "Bad recipient address syntax"
@@ -50,11 +49,13 @@ class ScamBackMilter(Milter.Base):
     def __init__(self, verifier: Verifier) -> None:
         self.verifier = verifier
         self.config = verifier.config
+        self.probe_sender = self.config.probe_sender.lower() or None
         self.authenticated = False
         self.probe_transaction = False
         self.invalid: list[str] = []
         self.others = 0
         self.unknown_count = 0          # per MTA connection: dictionary attacks
+        self.qid = ""
 
     def trouble(self) -> int:
         """Backend trouble: accept unverified, or 451 4.4.3 with BackErrorTempfail."""
@@ -72,32 +73,51 @@ class ScamBackMilter(Milter.Base):
             return Milter.ACCEPT
         return Milter.CONTINUE
 
+    def envfrom_bytes(self, mailfrom: bytes, *params: bytes) -> int:
+        """pymilter's entry point: decode only the sender (the ESMTP parameters go unused)."""
+        return self.envfrom(mailfrom.decode("utf-8", "surrogateescape"))
+
     @Milter.noreply
     def envfrom(self, mailfrom: str, *params: str) -> int:
         try:
-            self.invalid, self.others = [], 0
+            self.invalid, self.others, self.qid = [], 0, ""
             self.authenticated = bool(self.getsymval("{auth_authen}"))
             # Another verifier's probe (or our own, looped back) is never verified in turn,
             # so two verifiers in front of each other cannot loop.
-            sender = mailfrom.strip()
-            self.probe_transaction = bool(PROBE_SENDER.match(sender)) or \
-                sender.strip("<>").lower() == self.config.probe_sender.lower() != ""
+            sender = mailfrom.strip().strip("<>").lower()
+            self.probe_transaction = sender.startswith(PROBE_PREFIX) or \
+                sender == self.probe_sender
         except Exception:
             log.exception("internal error in envfrom")
         return Milter.CONTINUE
 
     def envrcpt_bytes(self, to: bytes, *params: bytes) -> int:
         """pymilter's entry point: decode only the address (the ESMTP parameters go unused)."""
-        return self.envrcpt(to.decode("utf-8", "surrogateescape"))
+        try:
+            return self.recipient(to.decode("utf-8", "surrogateescape"))
+        except Exception:
+            log.exception("internal error in envrcpt; answered like backend trouble")
+            return self.trouble()
 
     @_guarded
     def envrcpt(self, to: str, *params: str) -> int:
+        return self.recipient(to)
+
+    def recipient(self, to: str) -> int:
+        """The answer to one RCPT TO (the hot path: a cached verdict costs a dict lookup or two)."""
         if self.authenticated or self.probe_transaction:
             self.others += 1
             return Milter.CONTINUE
         rcpt = self.getsymval("{rcpt_addr}") or to
-        verdict = self.verifier.verify(rcpt, self.getsymval("i") or "")
-        if verdict.kind is Kind.INVALID:
+        if not self.qid:
+            # Postfix may name the queue file only once a first recipient is accepted.
+            self.qid = self.getsymval("i") or ""
+        verdict = self.verifier.verify(rcpt, self.qid)
+        kind = verdict.kind
+        if kind is Kind.VALID or kind is Kind.SKIPPED:
+            self.others += 1
+            return Milter.CONTINUE
+        if kind is Kind.INVALID:
             if self.too_many_unknown():
                 return Milter.TEMPFAIL
             if self.config.bitbucket:
@@ -106,10 +126,10 @@ class ScamBackMilter(Milter.Base):
                 return Milter.CONTINUE
             self.setreply("550", "5.1.1", self.config.reject_text)
             return Milter.REJECT
-        if verdict.kind is Kind.BAD_SYNTAX:
+        if kind is Kind.BAD_SYNTAX:
             self.setreply("550", "5.1.3", SYNTAX_TEXT)
             return Milter.REJECT
-        result = self.trouble() if verdict.kind is Kind.TROUBLE else Milter.CONTINUE
+        result = self.trouble()
         if result == Milter.CONTINUE:
             self.others += 1
         return result

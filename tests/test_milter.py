@@ -260,3 +260,15 @@ def test_backend_closing_mid_rcpt_accepts_without_error_tempfail(milter_ctx):
         ctx = milter_ctx(make_verifier(text))
         start(ctx)
         assert rcpt(ctx, "x@example.net") == Milter.CONTINUE
+
+
+def test_queue_id_is_read_until_the_mta_has_one(backend, milter_ctx, caplog):
+    """Postfix may name the queue file only after the first accepted recipient."""
+    ctx = milter_ctx(make_verifier(backend_conf(backend)))
+    start(ctx)
+    with caplog.at_level(logging.INFO, logger="scam-back"):
+        rcpt(ctx, "good@example.net")
+        ctx._setsymval("i", "QID42")
+        rcpt(ctx, "alice@example.net")
+    lines = [r.getMessage() for r in caplog.records if "rcpt=<" in r.getMessage()]
+    assert lines[0].startswith("qid=- ") and lines[1].startswith("qid=QID42 "), lines
