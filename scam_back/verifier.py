@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import replace
 from typing import Callable, NamedTuple, Optional
 
@@ -24,7 +25,8 @@ from .verdict import Kind, Verdict, classify
 log = logging.getLogger("scam-back")
 
 
-ROUTED_MAX = 100_000
+HOT_MAX = 50_000            # RCPT texts remembered for the hot path (about 10 MB)
+MEMO_MAX = 10_000           # domains or clients remembered before the memo starts over
 
 
 def verdict_line(qid: str, raw: str, verdict: Verdict) -> str:
@@ -37,18 +39,30 @@ def verdict_line(qid: str, raw: str, verdict: Verdict) -> str:
             f"reply=\"{verdict.reply}\" ms={verdict.ms}")
 
 
-def _encoded(line: str) -> bytes:
-    return line.encode("utf-8", "backslashreplace")
+class CachedAnswers(NamedTuple):
+    """A route's verdicts from the cache, and the ends of their log lines, made once per route."""
 
-
-class Known(NamedTuple):
-    """What a raw RCPT text is known to mean: its cache key, and its cached verdicts and lines."""
-
-    key: str
     valid: Verdict
     invalid: Verdict
-    valid_line: bytes           # the log line after "qid=- "
-    invalid_line: bytes
+    valid_tail: bytes           # the log line after "rcpt=<...> "
+    invalid_tail: bytes
+
+
+class HotAddress(NamedTuple):
+    """An RCPT text that the hot path can answer: its cache key and its route's answers."""
+
+    key: str
+    shown: bytes                # b"rcpt=<address> " for its log line
+    answers: CachedAnswers
+
+
+def cached_answers(label: str) -> CachedAnswers:
+    """The CachedAnswers of a route with this backend label."""
+    valid = Verdict(Kind.VALID, "cache", label, "cached")
+    invalid = Verdict(Kind.INVALID, "cache", label, "cached")
+    tails = [verdict_line("", "", v).split("rcpt=<> ", 1)[1].encode("utf-8", "backslashreplace")
+             for v in (valid, invalid)]
+    return CachedAnswers(valid, invalid, *tails)
 
 
 def backend_hosts(route: Route, domain: str) -> tuple[HostSpec, ...]:
@@ -75,8 +89,8 @@ class Verifier:
         self.pool = pool or SessionPool(config.idle_timeout, config.max_probes)
         self.skip_daemons = frozenset(d.lower() for d in config.skip_daemons)
         self.skip_recipients = frozenset(r.lower() for r in config.skip_recipients)
-        # Raw RCPT texts that parse and are routed (which never changes for a text).
-        self._routed: dict[str, Known] = {}
+        self._domains: dict[str, Optional[CachedAnswers]] = {}     # domain as written -> answers
+        self._hot: "OrderedDict[str, HotAddress]" = OrderedDict()  # RCPT text -> what it means
         self._skip_memo: dict[tuple[Optional[str], Optional[str]], str] = {}
 
     def skip_client(self, ip: Optional[str], daemon_name: Optional[str]) -> str:
@@ -85,7 +99,7 @@ class Verifier:
         reason = self._skip_memo.get(key)
         if reason is None:
             reason = self._skip_reason(ip, daemon_name)
-            if len(self._skip_memo) >= ROUTED_MAX:
+            if len(self._skip_memo) >= MEMO_MAX:
                 self._skip_memo.clear()
             self._skip_memo[key] = reason
         return reason
@@ -110,28 +124,55 @@ class Verifier:
 
     def verify(self, raw: str, qid: str = "") -> Verdict:
         """The verdict for one RCPT address, logged as one line."""
-        # The hot path: an address seen before (parsed, routed) whose verdict is cached and fresh.
-        known = self._routed.get(raw)
-        if known is not None:
-            fresh = self.cache.fresh(known.key)
+        # The hot path: an everyday address in a routed domain, with a fresh cached verdict.
+        hot = self._hot.get(raw) or self._hot_entry(raw)
+        if hot is not None:
+            fresh = self.cache.fresh(hot.key)
             if fresh is not None:
-                logmod.verdict_bytes(b"qid=%s %s" % (qid.encode() if qid else b"-",
-                                                     known.valid_line if fresh else known.invalid_line))
-                return known.valid if fresh else known.invalid
+                answers = hot.answers
+                logmod.verdict_bytes(b"qid=%s %s%s" % (
+                    qid.encode() if qid else b"-", hot.shown,
+                    answers.valid_tail if fresh else answers.invalid_tail))
+                return answers.valid if fresh else answers.invalid
         start = time.monotonic()
         verdict = self._decide(raw, start)
         verdict = verdict._replace(ms=int((time.monotonic() - start) * 1000))
         logmod.verdict_later(verdict_line, qid, raw, verdict)
         return verdict
 
-    def _remember_route(self, raw: str, key: str, label: str) -> None:
-        """Note that raw parses to cache key `key` on a route: its next cached verdict is quick."""
-        if len(self._routed) >= ROUTED_MAX:
-            self._routed.clear()        # crude but O(1) on average; refilled by use
-        valid = Verdict(Kind.VALID, "cache", label, "cached")
-        invalid = Verdict(Kind.INVALID, "cache", label, "cached")
-        self._routed[raw] = Known(key, valid, invalid, _encoded(verdict_line("", raw, valid)[6:]),
-                                  _encoded(verdict_line("", raw, invalid)[6:]))
+    def _hot_entry(self, raw: str) -> Optional[HotAddress]:
+        """What an everyday address means for the hot path (None: take the slow path), memoised."""
+        simple = addr.SIMPLE.fullmatch(raw)
+        if simple is None or len(raw) > addr.MAX_ADDRESS_OCTETS or \
+                (raw[0] == "<") != (raw[-1] == ">"):
+            return None
+        local, domain = simple.groups()
+        answers = self._answers_for(domain)
+        if answers is None:
+            return None
+        key = f"{local}@{domain}".lower()
+        if self.skip_recipients and (local.lower() in self.skip_recipients or
+                                     key in self.skip_recipients):
+            return None
+        hot = HotAddress(key, b"rcpt=<%s> " % raw.strip("<>").encode(), answers)
+        if len(self._hot) >= HOT_MAX:
+            try:
+                self._hot.popitem(last=False)       # the oldest: no pause to clear them all
+            except KeyError:
+                pass
+        self._hot[raw] = hot
+        return hot
+
+    def _answers_for(self, domain: str) -> Optional[CachedAnswers]:
+        """The cached-verdict answers of a domain's route (None: not routed), memoised."""
+        answers = self._domains.get(domain, False)
+        if answers is False:
+            route = self.router.route(domain)
+            answers = None if route is None else cached_answers(route.label)
+            if len(self._domains) >= MEMO_MAX:
+                self._domains.clear()
+            self._domains[domain] = answers
+        return answers  # type: ignore[return-value]
 
     def _decide(self, raw: str, start: float) -> Verdict:
         try:
@@ -152,7 +193,6 @@ class Verifier:
             return Verdict(Kind.SKIPPED, "rule", reply="domain not routed")
         if address.is_utf8:
             return Verdict(Kind.SKIPPED, "rule", route.label, "SMTPUTF8 address, not verified")
-        self._remember_route(raw, address.text.lower(), route.label)
         hit = self.cache.get(address.text)
         if hit is not None and not hit.stale:
             kind = Kind.VALID if hit.valid else Kind.INVALID

@@ -464,11 +464,18 @@ def test_fresh_gives_only_verdicts_within_their_ttl():
     assert cache.fresh("good@example.net") is True
 
 
-def test_fresh_hits_count_as_use_for_eviction():
-    cache = VerdictCache(100, 100, max_entries=3)
+def test_an_address_in_use_survives_eviction():
+    """fresh() samples the LRU order (one hit in eight moves an entry): repeated hits count."""
+    ticks = [0]
+
+    def clock() -> float:
+        ticks[0] += 1
+        return 100 + ticks[0] / 1e6         # a microsecond per reading
+    cache = VerdictCache(100, 100, max_entries=3, clock=clock)
     for name in ("a", "b", "c"):
         cache.put(f"{name}@x.test", True)
-    assert cache.fresh("a@x.test") is True
+    for _ in range(16):
+        assert cache.fresh("a@x.test") is True
     cache.put("d@x.test", True)
     assert cache.get("a@x.test") is not None and cache.get("b@x.test") is None
 

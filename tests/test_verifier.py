@@ -423,3 +423,16 @@ def test_skip_rules_still_hold_for_an_address_seen_before(backend):
         assert verifier.verify("<abuse@example.net>").kind is Kind.SKIPPED
         assert verifier.verify("<x@elsewhere.test>").kind is Kind.SKIPPED
     assert backend.connections == 0
+
+
+def test_hot_path_matches_case_insensitively_and_keeps_the_text_in_its_log_line(backend, caplog):
+    cache = VerdictCache(86400, 3000)
+    cache.put("user@example.net", False)
+    verifier = make_verifier(backend_conf(backend, "BackSkipRecipient: Abuse@Example.NET\n"), cache)
+    with caplog.at_level("INFO", logger="scam-back"):
+        verdict = verifier.verify("<User@Example.NET.>", "Q7")
+        skipped = verifier.verify("<ABUSE@example.net>", "Q8")
+    assert (verdict.kind, verdict.source) == (Kind.INVALID, "cache")
+    assert skipped.kind is Kind.SKIPPED and backend.connections == 0
+    assert any(r.getMessage().startswith("qid=Q7 rcpt=<User@Example.NET.> ") and
+               "verdict=invalid source=cache" in r.getMessage() for r in caplog.records)
