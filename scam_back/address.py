@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 MAX_ADDRESS_OCTETS = 254            # RFC 5321 path limit (256) less the angle brackets
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -63,15 +64,23 @@ def _split_unquoted(text: str) -> tuple[str, str]:
     return text[:at], text[at + 1:]
 
 
+def split_simple(raw: str) -> Optional[tuple[str, str]]:
+    """(local part, domain as written) of an everyday address, or None: the fast path of parse."""
+    simple = SIMPLE.fullmatch(raw)
+    if simple is None or len(raw) > MAX_ADDRESS_OCTETS or (raw[0] == "<") != (raw[-1] == ">"):
+        return None
+    return simple.groups()  # type: ignore[return-value]
+
+
 def parse(raw: str) -> Address:
     """Turn an RCPT argument or {rcpt_addr} value into an Address, or raise AddressError.
 
     Angle brackets around the whole are removed, a source route (<@a,@b:u@d>) is dropped as
     RFC 5321 allows, and the domain is lower-cased without trailing dots.
     """
-    simple = SIMPLE.fullmatch(raw)
-    if simple and len(raw) <= MAX_ADDRESS_OCTETS and (raw[0] == "<") == (raw[-1] == ">"):
-        local, domain = simple.group(1), simple.group(2).lower()
+    simple = split_simple(raw)
+    if simple is not None:
+        local, domain = simple[0], simple[1].lower()
         return Address(local, domain, f"{local}@{domain}")
     if CONTROL.search(raw):
         raise AddressError("control character (CR, LF, NUL, ...) in the address")

@@ -75,9 +75,10 @@ def setup(level: str = "info", stderr: bool = True, syslog_socket: str = SYSLOG_
 
 
 def _refresh_fast_append() -> None:
+    """Recompute _fast_append after the writer, the sinks or the level changed."""
     global _fast_append
-    wanted = _writer is not None and bool(_fast_sinks) and log.isEnabledFor(logging.INFO)
-    _fast_append = _writer.lines.append if wanted and _writer is not None else None
+    _fast_append = (_writer.lines.append if _writer is not None and _fast_sinks and
+                    log.isEnabledFor(logging.INFO) else None)
 
 
 def _fast_sink(handler: logging.Handler) -> Callable[[list[bytes]], None]:
@@ -150,17 +151,12 @@ class _VerdictWriter:
 
 
 def _render(item: object) -> bytes:
-    """A queued line as bytes: bytes, a str, or (render, args) to be rendered now."""
-    if type(item) is bytes:
-        return item
-    if isinstance(item, str):
-        text = item
-    else:
-        render, args = item  # type: ignore[misc]
-        try:
-            text = render(*args)
-        except Exception as exc:        # a line that cannot be rendered must not stop the rest
-            text = f"verdict line could not be written: {exc!r}"
+    """A queued (render, args) rendered now, as bytes (flush passes ready bytes through)."""
+    render, args = item  # type: ignore[misc]
+    try:
+        text = render(*args)
+    except Exception as exc:            # a line that cannot be rendered must not stop the rest
+        text = f"verdict line could not be written: {exc!r}"
     return text.encode("utf-8", "backslashreplace")
 
 
@@ -183,13 +179,7 @@ def disable_fast_verdicts() -> None:
 
 def verdict(message: str) -> None:
     """Log one verdict line at info level."""
-    if not log.isEnabledFor(logging.INFO):
-        return
-    writer = _writer
-    if writer is not None and _fast_sinks:
-        writer.lines.append(message)
-    else:
-        log.info("%s", message)
+    verdict_later(str, message)
 
 
 def verdict_bytes(line: bytes) -> None:
@@ -203,12 +193,10 @@ def verdict_bytes(line: bytes) -> None:
 
 def verdict_later(render: Callable[..., str], *args: object) -> None:
     """Log render(*args) at info level; the daemon renders it off the MTA's thread."""
-    if not log.isEnabledFor(logging.INFO):
-        return
-    writer = _writer
-    if writer is not None and _fast_sinks:
-        writer.lines.append((render, args))
-    else:
+    append = _fast_append
+    if append is not None:
+        append((render, args))
+    elif log.isEnabledFor(logging.INFO):
         log.info("%s", render(*args))
 
 

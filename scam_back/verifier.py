@@ -8,7 +8,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import replace
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, TypeVar
 
 from . import address as addr
 from . import log as logmod
@@ -23,6 +23,7 @@ from .routing import Route, Router
 from .verdict import Kind, Verdict, classify
 
 log = logging.getLogger("scam-back")
+T = TypeVar("T")
 
 
 HOT_MAX = 50_000            # RCPT texts remembered for the hot path (about 10 MB)
@@ -54,6 +55,14 @@ class HotAddress(NamedTuple):
     key: str
     shown: bytes                # b"rcpt=<address> " for its log line
     answers: CachedAnswers
+
+
+def remember(memo: dict, key: object, value: T) -> T:
+    """Store value in a small memo, starting it over once it holds MEMO_MAX entries."""
+    if len(memo) >= MEMO_MAX:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 def cached_answers(label: str) -> CachedAnswers:
@@ -98,10 +107,7 @@ class Verifier:
         key = (ip, daemon_name)
         reason = self._skip_memo.get(key)
         if reason is None:
-            reason = self._skip_reason(ip, daemon_name)
-            if len(self._skip_memo) >= MEMO_MAX:
-                self._skip_memo.clear()
-            self._skip_memo[key] = reason
+            reason = remember(self._skip_memo, key, self._skip_reason(ip, daemon_name))
         return reason
 
     def _skip_reason(self, ip: Optional[str], daemon_name: Optional[str]) -> str:
@@ -142,17 +148,15 @@ class Verifier:
 
     def _hot_entry(self, raw: str) -> Optional[HotAddress]:
         """What an everyday address means for the hot path (None: take the slow path), memoised."""
-        simple = addr.SIMPLE.fullmatch(raw)
-        if simple is None or len(raw) > addr.MAX_ADDRESS_OCTETS or \
-                (raw[0] == "<") != (raw[-1] == ">"):
+        simple = addr.split_simple(raw)
+        if simple is None:
             return None
-        local, domain = simple.groups()
+        local, domain = simple
         answers = self._answers_for(domain)
         if answers is None:
             return None
         key = f"{local}@{domain}".lower()
-        if self.skip_recipients and (local.lower() in self.skip_recipients or
-                                     key in self.skip_recipients):
+        if self._skipped_recipient(local, key):
             return None
         hot = HotAddress(key, b"rcpt=<%s> " % raw.strip("<>").encode(), answers)
         if len(self._hot) >= HOT_MAX:
@@ -163,15 +167,18 @@ class Verifier:
         self._hot[raw] = hot
         return hot
 
+    def _skipped_recipient(self, local: str, key: str) -> bool:
+        """True if BackSkipRecipient names the local part or the (lower-cased) address."""
+        skip = self.skip_recipients
+        return bool(skip) and (local.lower() in skip or key in skip)
+
     def _answers_for(self, domain: str) -> Optional[CachedAnswers]:
         """The cached-verdict answers of a domain's route (None: not routed), memoised."""
         answers = self._domains.get(domain, False)
         if answers is False:
             route = self.router.route(domain)
-            answers = None if route is None else cached_answers(route.label)
-            if len(self._domains) >= MEMO_MAX:
-                self._domains.clear()
-            self._domains[domain] = answers
+            answers = remember(self._domains, domain,
+                               None if route is None else cached_answers(route.label))
         return answers  # type: ignore[return-value]
 
     def _decide(self, raw: str, start: float) -> Verdict:
@@ -185,8 +192,7 @@ class Verifier:
             if not hopeless and (not domain or self.router.route(domain) is None):
                 return Verdict(Kind.SKIPPED, "rule", reply=f"domain not routed ({exc})")
             return Verdict(Kind.BAD_SYNTAX, "rule", reply=str(exc))
-        if address.local.lower() in self.skip_recipients or \
-                address.text.lower() in self.skip_recipients:
+        if self._skipped_recipient(address.local, address.text.lower()):
             return Verdict(Kind.SKIPPED, "rule", reply="BackSkipRecipient")
         route = None if address.is_literal else self.router.route(address.domain)
         if route is None:
