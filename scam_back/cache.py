@@ -163,19 +163,68 @@ class VerdictCache:
                 shard.lock.release()
         return entries is shard.valid
 
-    def put(self, address: str, valid: bool) -> None:
-        """Remember a verdict for its kind's TTL; a TTL of 0 means that kind is not cached.
+    def put(self, address: str, valid: bool, ttl: Optional[float] = None) -> None:
+        """Remember a verdict for its kind's TTL (or a shorter ttl, as a shared cache gives it);
+        a TTL of 0 means that kind is not cached.
 
         Addresses with white space (quoted local parts) are not cached: the file format could not
         hold them.
         """
-        ttl = self.valid_ttl if valid else self.invalid_ttl
+        kind_ttl = self.valid_ttl if valid else self.invalid_ttl
+        ttl = kind_ttl if ttl is None else min(ttl, kind_ttl)
         if ttl <= 0 or any(ch.isspace() for ch in address):
             return
         key = address.lower()
         shard = self._shard(key)
         with shard.lock:
             shard.store(key, valid, self.clock() + ttl)
+
+    def peek(self, address: str) -> Optional[CacheHit]:
+        """The verdict as get() would see it, without touching LRU order or expiring anything."""
+        key = address.lower()
+        shard = self._shard(key)
+        with shard.lock:
+            for valid, entries in ((True, shard.valid), (False, shard.invalid)):
+                expires = entries.get(key)
+                if expires is not None:
+                    left = expires - self.clock()
+                    return CacheHit(valid, left) if left + self.stale_grace > 0 else None
+        return None
+
+    def drop(self, address: str) -> int:
+        """Forget one address; returns 1 if it was cached, else 0."""
+        key = address.lower()
+        shard = self._shard(key)
+        with shard.lock:
+            found = shard.valid.pop(key, None) is not None
+            found = shard.invalid.pop(key, None) is not None or found
+        return int(found)
+
+    def drop_where(self, valid: bool = True, invalid: bool = True,
+                   domain: Optional[str] = None) -> int:
+        """Forget every entry of the chosen kinds (of one domain and its subdomains, if given)."""
+        dropped = 0
+        suffix_at, suffix_dot = (f"@{domain.lower()}", f".{domain.lower()}") if domain else ("", "")
+        for shard in self._shards:
+            with shard.lock:
+                for wanted, entries in ((valid, shard.valid), (invalid, shard.invalid)):
+                    if not wanted:
+                        continue
+                    if domain is None:
+                        dropped += len(entries)
+                        entries.clear()
+                        continue
+                    doomed = [k for k in entries if k.endswith(suffix_at) or
+                              (k.endswith(suffix_dot) and "@" in k)]
+                    for key in doomed:
+                        del entries[key]
+                    dropped += len(doomed)
+        return dropped
+
+    def dump_lines(self) -> Iterator[str]:
+        """Every live entry as a cache-file line (0|1 address expiry), shard by shard."""
+        for text, _ in self._file_chunks():
+            yield from text.splitlines()
 
     def snapshot(self) -> list[tuple[str, bool, float]]:
         """A copy of the entries (stale ones within grace too) as (address, valid, Unix expiry)."""

@@ -12,7 +12,9 @@ from . import __version__
 from . import config as configmod
 from . import daemon
 from . import log as logmod
+from . import ctl
 from . import routing
+from . import sharedcache
 
 log = logging.getLogger("scam-back")
 
@@ -71,16 +73,18 @@ def _features(path: str) -> str:
 
 def load_all(path: str) -> tuple[configmod.Config, routing.Router]:
     """Config and routing, with every warning logged; ConfigError if either is bad."""
-    config = configmod.load(path)
-    router, table_warnings = routing.build(config)
-    for warning in list(config.warnings) + table_warnings:
+    config, router, warnings = routing.load(path)
+    for warning in warnings:
         log.warning("%s", warning)
+    sharedcache.read_password(config)       # a missing password file is a config error too
     return config, router
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse flags, check the config before anything else, then serve; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ctl"]:
+        return ctl.main(argv[1:])
     try:
         args = _parser().parse_args(argv)
         if args.timeout is not None and not re.fullmatch(r"\d{1,6}", args.timeout):

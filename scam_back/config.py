@@ -87,7 +87,20 @@ class Config:
     max_probes: int = 20
     invalid_cache_max: int = 100_000
     idle_timeout: float = 30.0
+    shared_cache: Optional[str] = None
+    cache_password_file: Optional[str] = None
+    cache_timeout: float = 0.05
+    control_socket: Optional[str] = None
+    stats_interval: int = 3600
+    stats_listen: Optional[tuple[str, int]] = None
+    dry_run: bool = False
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    key_lines: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def where(self, fieldname: str) -> str:
+        """"path:line" of the line that set a field (just the path for a default)."""
+        line = self.key_lines.get(fieldname)
+        return f"{self.path}:{line}" if line else self.path
 
     @property
     def probe_sender(self) -> str:
@@ -108,7 +121,16 @@ class Config:
             f"BackSMTPBackoff: {self.backoff} s (per backend address)",
             f"BackErrorTempfail: {yes[self.error_tempfail]}",
             "IPv6 skip rules and backends: yes",
+            f"BackDryRun: {yes[self.dry_run]}",
+            f"BackCache: {self.shared_cache_shown}",
         ]
+
+    @property
+    def shared_cache_shown(self) -> str:
+        """The BackCache URL without its password, for logs and -h."""
+        if not self.shared_cache:
+            return "in-process only"
+        return re.sub(r"//[^@/]*@", "//***@", self.shared_cache)
 
 
 # ---- value parsers: each takes the raw text and returns a value or raises ValueError(why) ----
@@ -261,6 +283,31 @@ def parse_dns_server(text: str) -> tuple[str, int]:
     return address, parse_port(port)
 
 
+def parse_cache_url(text: str) -> str:
+    """A Redis URL: redis://[:password@]host[:port][/db] or rediss:// for TLS."""
+    match = re.fullmatch(r"(rediss?)://(?:[^@/\s]*@)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)"
+                         r"(?::(\d{1,5}))?(?:/(\d{1,5})?)?", text)
+    if not match:
+        raise ValueError(f'not a Redis URL (redis://host:port/db or rediss://...): "{text}"')
+    if match.group(3) is not None:
+        parse_port(match.group(3))
+    return text
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """An IP address and port to listen on: 127.0.0.1:9108 or [::1]:9108."""
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not match:
+        raise ValueError(f'not ADDRESS:PORT (127.0.0.1:9108, [::1]:9108): "{text}"')
+    host, port = (match.group(1), match.group(2)) if match.group(1) else (match.group(3),
+                                                                             match.group(4))
+    try:
+        address = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ValueError(f'not an IP address: "{host}" (use 127.0.0.1 or ::1)') from None
+    return address, parse_port(port)
+
+
 def parse_path(text: str) -> str:
     """A file path."""
     if "\x00" in text:
@@ -307,6 +354,13 @@ KEYS: dict[str, tuple[str, Callable, Optional[str], bool]] = {k.lower(): (k, p, 
     ("BackMaxProbes", lambda t: parse_int(t, 1, 10_000), "max_probes", False),
     ("BackInvalidCacheMax", parse_int, "invalid_cache_max", False),
     ("BackIdleTimeout", parse_seconds, "idle_timeout", False),
+    ("BackCache", parse_cache_url, "shared_cache", False),
+    ("BackCachePasswordFile", parse_path, "cache_password_file", False),
+    ("BackCacheTimeout", parse_seconds, "cache_timeout", False),
+    ("ControlSocket", parse_path, "control_socket", False),
+    ("StatsInterval", parse_int, "stats_interval", False),
+    ("StatsListen", parse_listen, "stats_listen", False),
+    ("BackDryRun", parse_bool, "dry_run", False),
 ]}
 
 
@@ -434,6 +488,13 @@ def parse_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
         if items:
             values[fieldname] = tuple(items)
     warnings = servers.warnings
+    listen = values.get("stats_listen")
+    if listen is not None and not ipaddress.ip_address(listen[0]).is_loopback:  # type: ignore[index]
+        warnings.append(f"{path}:{seen['stats_listen']}: StatsListen {listen[0]} is not a loopback "
+                        "address: anyone who can reach it reads the statistics")
+    if "cache_password_file" in values and "shared_cache" not in values:
+        warnings.append(f"{path}:{seen['cache_password_file']}: BackCachePasswordFile is used only "
+                        "with BackCache: redis://...")
     if "helo_name" not in values:
         values["helo_name"] = default_helo_name()
         if "." not in str(values["helo_name"]):
@@ -441,7 +502,7 @@ def parse_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
                             "qualified; backends that check the probe sender may refuse it "
                             "(set HeloName: to this host's public name)")
     return Config(path=path, domains=tuple(servers.domains), all_domains_hosts=all_domains_hosts,
-                  smtp_port=servers.port, warnings=tuple(warnings),
+                  smtp_port=servers.port, warnings=tuple(warnings), key_lines=dict(seen),
                   **values)  # type: ignore[arg-type]
 
 

@@ -21,11 +21,16 @@ import Milter
 import milter as libmilter
 
 from . import cache as cachemod
+from . import control
 from . import log as logmod
-from .config import Config
+from . import sharedcache
+from .admin import Admin
+from .config import Config, ConfigError
 from .milter import ScamBackMilter
 from .pool import SessionPool
+from .reload import Reloader
 from .routing import Router
+from .stats import Stats
 from .threads import STOP_SIGNALS, start_quiet_thread
 from .verifier import Verifier
 
@@ -208,14 +213,18 @@ def open_socket(spec: str, timeout: int) -> None:
 
 
 class Housekeeper:
-    """Saves the cache every BackListSaveInterval seconds and closes idle backend sessions, in a
-    thread started with the stop signals blocked (libmilter's own thread must get them)."""
+    """Saves the cache every BackListSaveInterval seconds, closes idle backend sessions, notices
+    changed config files and logs the statistics every StatsInterval, in a thread started with
+    the stop signals blocked (libmilter's own thread must get them)."""
 
     REAP_EVERY = 2.0
+    RELOAD_CHECK_EVERY = 3.0
 
     def __init__(self, cache: cachemod.VerdictCache, path: Optional[str], interval: int,
-                 pool: Optional[SessionPool] = None) -> None:
+                 pool: Optional[SessionPool] = None, reloader: Optional[Reloader] = None,
+                 admin: Optional[Admin] = None, stats_interval: int = 0) -> None:
         self.cache, self.path, self.interval, self.pool = cache, path, interval, pool
+        self.reloader, self.admin, self.stats_interval = reloader, admin, stats_interval
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -224,13 +233,22 @@ class Housekeeper:
 
     def _run(self) -> None:
         saving = bool(self.path) and self.interval > 0
-        next_save = time.monotonic() + self.interval if saving else float("inf")
-        next_reap = time.monotonic() + self.REAP_EVERY
-        while not self._stop.wait(max(0.01, min(next_save, next_reap) - time.monotonic())):
+        start = time.monotonic()
+        next_save = start + self.interval if saving else float("inf")
+        next_reap = start + self.REAP_EVERY
+        logging_stats = self.admin is not None and self.stats_interval > 0
+        next_stats = start + self.stats_interval if logging_stats else float("inf")
+        while not self._stop.wait(max(0.01, min(next_save, next_reap, next_stats) - time.monotonic())):
             now = time.monotonic()
-            if self.pool is not None and now >= next_reap:
-                self.pool.reap()
-                next_reap = now + self.REAP_EVERY
+            if now >= next_reap:
+                if self.pool is not None:
+                    self.pool.reap()
+                if self.reloader is not None:
+                    self.reloader.check()
+                next_reap = now + min(self.REAP_EVERY, self.RELOAD_CHECK_EVERY)
+            if now >= next_stats and self.admin is not None:
+                self.admin.log_summary()
+                next_stats = now + self.stats_interval
             if now >= next_save:
                 cachemod.save_file(self.cache, self.path)
                 next_save = time.monotonic() + self.interval
@@ -265,6 +283,21 @@ def load_cache(cache: cachemod.VerdictCache, path: Optional[str]) -> None:
     gc.freeze()
 
 
+def start_exposition(config: Config, admin: Admin):  # type: ignore[no-untyped-def]
+    """The Prometheus endpoint on StatsListen; a port that cannot be bound stops start-up."""
+    from . import metrics       # prometheus_client is loaded only when asked for
+    assert config.stats_listen is not None
+    host, port = config.stats_listen
+    try:
+        server = metrics.serve(host, port, admin.snapshot)
+    except OSError as exc:
+        raise StartupError(f"{config.where('stats_listen')}: StatsListen {host}:{port}: cannot "
+                           f"listen: {exc.strerror} (pick a free port)", EX_OSERR) from None
+    log.info("statistics for Prometheus on http://%s:%d/metrics",
+             f"[{host}]" if ":" in host else host, port)
+    return server
+
+
 def serve(options: Options, config: Config, router: Router) -> int:
     """Everything after the config is known good; returns the exit code."""
     # A stop signal that arrives before libmilter's signal thread runs would kill the process
@@ -278,6 +311,10 @@ def serve(options: Options, config: Config, router: Router) -> int:
     if config.bitbucket:
         log.warning("BitBucket is on: invalid recipients are accepted and silently removed; "
                     "senders get no bounce for them")
+    try:
+        password = sharedcache.read_password(config)    # often readable by root only
+    except ConfigError as exc:
+        raise StartupError(str(exc), EX_CONFIG) from None
     make_run_dir(options.pid_file, uid, gid)
     drop_privileges(options.user, uid, gid)
     os.umask(0o117)         # socket 0660 for the user's (or -g) group; files are made 0600
@@ -288,6 +325,17 @@ def serve(options: Options, config: Config, router: Router) -> int:
         raise StartupError(f"cannot write pid file {options.pid_file}: its directory is not writable "
                            "by this user (give another with -P)", EX_CANTCREAT)
     open_socket(options.socket, options.milter_timeout)
+    control_path = control.socket_path(config.control_socket, options.pid_file)
+    controller: Optional[control.ControlServer] = None
+    try:
+        controller = control.ControlServer(control_path, lambda request: admin.handle(request))
+    except control.ControlError as exc:
+        # A ControlSocket the admin chose must work; the default one beside a pid file that
+        # cannot be written either (foreground only) is worth a warning.
+        if config.control_socket or options.detach:
+            where = f"{config.where('control_socket')}: " if config.control_socket else ""
+            raise StartupError(f"{where}{exc}", EX_CANTCREAT) from None
+        log.warning("%s; serving without admin commands", exc)
     if options.detach:
         detach()
         logmod.setup(config.log_level, stderr=False)
@@ -298,6 +346,8 @@ def serve(options: Options, config: Config, router: Router) -> int:
         # rc scripts and systemd need the pid file of a detached daemon; in the foreground the
         # process is supervised directly, so a pid file it cannot write is worth a warning only.
         if options.detach:
+            if controller is not None:
+                controller.stop()
             raise
         log.warning("%s; serving without a pid file", exc)
         pid_file = None
@@ -306,16 +356,36 @@ def serve(options: Options, config: Config, router: Router) -> int:
                                   invalid_max=config.invalid_cache_max,
                                   stale_grace=config.stale_grace)
     pool = SessionPool(config.idle_timeout, config.max_probes)
-    keeper = Housekeeper(cache, cache_path, config.save_interval, pool)
+    stats = Stats()
+    shared = None
+    if config.shared_cache:
+        shared = sharedcache.SharedCache(config.shared_cache, config.cache_timeout, stats, password,
+                                         config.shared_cache_shown)
+    verifier = Verifier(config, router, cache, pool=pool, stats=stats, shared=shared)
+    reloader = Reloader(config, verifier)
+    admin = Admin(verifier, shared, reloader.reload)
+    keeper = Housekeeper(cache, cache_path, config.save_interval, pool, reloader, admin,
+                         config.stats_interval)
+    exposition = None
     logmod.enable_fast_verdicts()
     try:
         load_cache(cache, cache_path)
-        verifier = Verifier(config, router, cache, pool=pool)
+        if shared is not None:
+            shared.listen(admin.flush_local)
+            if shared.ping():
+                log.info("shared cache %s: connected", config.shared_cache_shown)
+        if controller is not None:
+            controller.start()
+        if config.stats_listen:
+            exposition = start_exposition(config, admin)
         Milter.factory = functools.partial(ScamBackMilter, verifier)
         Milter.set_flags(Milter.DELRCPT if config.bitbucket else 0)
         keeper.start()
-        log.info("scam-back starting on %s as uid %d (config %s, cache %s)", options.socket,
-                 os.getuid(), config.path, cache_path or "none")
+        log.info("scam-back starting on %s as uid %d (config %s, cache %s, control %s)",
+                 options.socket, os.getuid(), config.path, cache_path or "none", control_path)
+        if config.dry_run:
+            log.warning("BackDryRun is on: verdicts are logged and counted, nothing is rejected "
+                        "or tempfailed")
         try:
             Milter.runmilter("scam-back", options.socket, options.milter_timeout)
         except Milter.error as exc:
@@ -324,8 +394,14 @@ def serve(options: Options, config: Config, router: Router) -> int:
         return EX_OK
     finally:
         keeper.stop()
+        if controller is not None:
+            controller.stop()
+        if exposition is not None:
+            exposition.shutdown()
         cachemod.save_file(cache, cache_path)
         pool.close()
+        if shared is not None:
+            shared.close()
         if pid_file:
             try:
                 os.unlink(pid_file)

@@ -17,6 +17,7 @@ class Backoff:
         self.seconds, self.failures, self.clock = seconds, max(1, failures), clock
         self._failed: dict[tuple[str, int], int] = {}
         self._until: dict[tuple[str, int], float] = {}
+        self._labels: dict[tuple[str, int], str] = {}      # every address connected to or tried
         self._lock = threading.Lock()
 
     def blocked(self, key: tuple[str, int]) -> bool:
@@ -30,6 +31,7 @@ class Backoff:
         if self.seconds <= 0:
             return
         with self._lock:
+            self._labels[key] = label
             count = self._failed[key] = self._failed.get(key, 0) + 1
             if count < self.failures:
                 return
@@ -42,7 +44,26 @@ class Backoff:
     def succeeded(self, key: tuple[str, int], label: str) -> None:
         """A connect worked: forget the failures, and say so if the address was being skipped."""
         with self._lock:
+            if key not in self._labels:
+                self._labels[key] = label
             self._failed.pop(key, None)
             was = self._until.pop(key, None)
         if was is not None:
             log.info("backend %s reachable again", label)
+
+    def status(self, key: tuple[str, int]) -> str:
+        """One address's state in words: up, failing, or skipped for how long."""
+        with self._lock:
+            until, failed = self._until.get(key), self._failed.get(key, 0)
+        left = (until - self.clock()) if until is not None else 0
+        if left > 0:
+            return f"skipped for {int(left) + 1} s more after {failed} failed connects (BackSMTPBackoff)"
+        if failed:
+            return f"{failed} failed connects in a row"
+        return "up" if key in self._labels else "not contacted yet"
+
+    def states(self) -> dict[str, str]:
+        """Every backend address contacted since start, by label, with its status()."""
+        with self._lock:
+            keys = sorted(self._labels.items(), key=lambda item: item[1])
+        return {label: self.status(key) for key, label in keys}

@@ -50,6 +50,7 @@ class ScamBackMilter(Milter.Base):
         self.verifier = verifier
         self.config = verifier.config
         self.probe_sender = self.config.probe_sender.lower() or None
+        self.dry_run = self.config.dry_run
         self.authenticated = False
         self.probe_transaction = False
         self.invalid: list[str] = []
@@ -107,6 +108,8 @@ class ScamBackMilter(Milter.Base):
         """The answer to one RCPT TO (the hot path: a cached verdict costs a dict lookup or two)."""
         if self.authenticated or self.probe_transaction:
             self.others += 1
+            self.verifier.stats.count("skipped", "authenticated sender" if self.authenticated
+                                      else "probe sender")
             return Milter.CONTINUE
         rcpt = self.getsymval("{rcpt_addr}") or to
         if not self.qid:
@@ -114,7 +117,8 @@ class ScamBackMilter(Milter.Base):
             self.qid = self.getsymval("i") or ""
         verdict = self.verifier.verify(rcpt, self.qid)
         kind = verdict.kind
-        if kind is Kind.VALID or kind is Kind.SKIPPED:
+        if kind is Kind.VALID or kind is Kind.SKIPPED or self.dry_run:
+            # BackDryRun: the verdict was logged and counted; nothing is enforced.
             self.others += 1
             return Milter.CONTINUE
         if kind is Kind.INVALID:

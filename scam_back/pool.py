@@ -65,6 +65,11 @@ class SessionPool:
             self._idle.clear()
         _close_all(sessions)
 
+    def idle_at(self, host: str, port: int) -> int:
+        """Idle sessions to one backend address."""
+        with self._lock:
+            return len(self._idle.get((host, port), ()))
+
     def idle_count(self) -> int:
         with self._lock:
             return sum(len(idle) for idle in self._idle.values())

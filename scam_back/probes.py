@@ -40,13 +40,14 @@ class ProbeGate:
         if not leader:
             if flight.done.wait(max(0.0, deadline - time.monotonic())) and flight.verdict:
                 shared = flight.verdict
-                return Verdict(shared.kind, f"{shared.source}-shared", shared.backend, shared.reply)
+                return shared._replace(source=f"{shared.source}-shared")
             return Verdict(Kind.TROUBLE, "backend", reply="another probe of this address is still "
-                           "running at BackVerifyTimeout")
+                           "running at BackVerifyTimeout", why="verify timeout")
         try:
             if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 flight.verdict = Verdict(Kind.TROUBLE, "backend",
-                                         reply="BackMaxProbes probes busy until BackVerifyTimeout")
+                                         reply="BackMaxProbes probes busy until BackVerifyTimeout",
+                                         why="probe limit")
                 return flight.verdict
             try:
                 flight.verdict = probe()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from . import config as configmod
 from . import mailertable
 from .config import Config, ConfigError, HostSpec
 
@@ -91,3 +92,21 @@ def build(config: Config) -> tuple[Router, list[str]]:
         raise ConfigError(tables, 0, "routes no domain over SMTP, and the config has no "
                           "BackAddrDomain: nothing would be verified")
     return router, warnings
+
+
+def load(path: str) -> tuple[Config, Router, list[str]]:
+    """Read a config file and the tables it names: (config, router, warnings); ConfigError if
+    either is bad. Used at start-up and for every reload."""
+    config = configmod.load(path)
+    router, table_warnings = build(config)
+    return config, router, list(config.warnings) + table_warnings
+
+
+def watched_files(config: Config) -> list[str]:
+    """The files a reload re-reads: the config, and the mailertable or transport map it uses."""
+    files = [config.path]
+    if config.use_mailertable:
+        files.append(config.mailertable)
+    if config.transport_map:
+        files.append(config.transport_map)
+    return files

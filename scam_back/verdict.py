@@ -29,6 +29,7 @@ class Verdict(NamedTuple):
     backend: str = "-"
     reply: str = ""            # the backend's reply (first line) or the reason
     ms: int = 0
+    why: str = ""              # for TROUBLE: a short reason the statistics count by
 
 
 def enhanced_code(text: str) -> str:

@@ -20,6 +20,8 @@ from .probes import ProbeGate
 from .config import Config, HostSpec
 from .resolve import Resolver
 from .routing import Route, Router
+from .sharedcache import SharedCache
+from .stats import Stats
 from .verdict import Kind, Verdict, classify
 
 log = logging.getLogger("scam-back")
@@ -30,14 +32,17 @@ HOT_MAX = 50_000            # RCPT texts remembered for the hot path (about 10 M
 MEMO_MAX = 10_000           # domains or clients remembered before the memo starts over
 
 
-def verdict_line(qid: str, raw: str, verdict: Verdict) -> str:
+DRY_RUN_MARK = " dry-run=not-enforced"     # BackDryRun: the verdict is only reported
+
+
+def verdict_line(qid: str, raw: str, verdict: Verdict, dry_run: bool = False) -> str:
     """The log line of one decision (rendered off the MTA's thread in the daemon)."""
     shown = raw.strip("<>")[:300]
     if not shown.isprintable():
         shown = shown.encode("unicode_escape").decode("ascii")
     return (f"qid={qid or '-'} rcpt=<{shown}> backend={verdict.backend} "
             f"verdict={verdict.kind.value} source={verdict.source} "
-            f"reply=\"{verdict.reply}\" ms={verdict.ms}")
+            f"reply=\"{verdict.reply}\" ms={verdict.ms}" + (DRY_RUN_MARK if dry_run else ""))
 
 
 class CachedAnswers(NamedTuple):
@@ -65,11 +70,12 @@ def remember(memo: dict, key: object, value: T) -> T:
     return value
 
 
-def cached_answers(label: str) -> CachedAnswers:
+def cached_answers(label: str, dry_run: bool = False) -> CachedAnswers:
     """The CachedAnswers of a route with this backend label."""
     valid = Verdict(Kind.VALID, "cache", label, "cached")
     invalid = Verdict(Kind.INVALID, "cache", label, "cached")
-    tails = [verdict_line("", "", v).split("rcpt=<> ", 1)[1].encode("utf-8", "backslashreplace")
+    tails = [verdict_line("", "", v, dry_run).split("rcpt=<> ", 1)[1].encode("utf-8",
+                                                                            "backslashreplace")
              for v in (valid, invalid)]
     return CachedAnswers(valid, invalid, *tails)
 
@@ -87,15 +93,32 @@ class Verifier:
     def __init__(self, config: Config, router: Router, cache: VerdictCache,
                  resolver: Optional[Resolver] = None,
                  clock: Callable[[], float] = time.monotonic,
-                 pool: Optional[SessionPool] = None) -> None:
-        self.config, self.router, self.cache, self.clock = config, router, cache, clock
+                 pool: Optional[SessionPool] = None, stats: Optional[Stats] = None,
+                 shared: Optional[SharedCache] = None) -> None:
+        self.cache, self.clock, self.shared = cache, clock, shared
+        self.stats = stats or Stats()
+        self.pool = pool or SessionPool(config.idle_timeout, config.max_probes)
+        self.backoff = Backoff(config.backoff, config.backoff_failures, clock)
+        self._hit_valid = self.stats.counter("valid", "cache")
+        self._hit_invalid = self.stats.counter("invalid", "cache")
+        self.reconfigure(config, router, resolver)
+
+    def reconfigure(self, config: Config, router: Router,
+                    resolver: Optional[Resolver] = None) -> None:
+        """Take a new config and routing (a reload) while MTA threads keep asking.
+
+        Cached verdicts, pooled sessions, backoff state and statistics carry over (the cache's
+        TTLs are the reloader's business: a test may give a cache its own). The memos are
+        replaced after the router: a thread still holding an old memo only fills that one.
+        """
+        self.config, self.router = config, router
         self.resolver = resolver or Resolver(config.dns_server, config.prefer_ip_version,
                                              lifetime=min(3.0, config.verify_timeout))
         self.settings = SessionSettings(config.helo_name, config.probe_sender, config.ehlo,
                                         config.timeout_connect, config.timeout_reply)
-        self.backoff = Backoff(config.backoff, config.backoff_failures, clock)
+        self.backoff.seconds, self.backoff.failures = config.backoff, max(1, config.backoff_failures)
         self.gate = ProbeGate(config.max_probes)
-        self.pool = pool or SessionPool(config.idle_timeout, config.max_probes)
+        self.pool.idle_timeout, self.pool.max_idle = config.idle_timeout, config.max_probes
         self.skip_daemons = frozenset(d.lower() for d in config.skip_daemons)
         self.skip_recipients = frozenset(r.lower() for r in config.skip_recipients)
         self._domains: dict[str, Optional[CachedAnswers]] = {}     # domain as written -> answers
@@ -105,9 +128,12 @@ class Verifier:
     def skip_client(self, ip: Optional[str], daemon_name: Optional[str]) -> str:
         """Why a connection is not verified ("" if it is): unix socket, loopback, skip list, daemon."""
         key = (ip, daemon_name)
-        reason = self._skip_memo.get(key)
+        memo = self._skip_memo
+        reason = memo.get(key)
         if reason is None:
-            reason = remember(self._skip_memo, key, self._skip_reason(ip, daemon_name))
+            reason = remember(memo, key, self._skip_reason(ip, daemon_name))
+        if reason:
+            self.stats.count("connection-skipped", reason.split(" ", 1)[0])
         return reason
 
     def _skip_reason(self, ip: Optional[str], daemon_name: Optional[str]) -> str:
@@ -139,15 +165,30 @@ class Verifier:
                 logmod.verdict_bytes(b"qid=%s %s%s" % (
                     qid.encode() if qid else b"-", hot.shown,
                     answers.valid_tail if fresh else answers.invalid_tail))
+                (self._hit_valid if fresh else self._hit_invalid)()
                 return answers.valid if fresh else answers.invalid
         start = time.monotonic()
         verdict = self._decide(raw, start)
         verdict = verdict._replace(ms=int((time.monotonic() - start) * 1000))
-        logmod.verdict_later(verdict_line, qid, raw, verdict)
+        logmod.verdict_later(verdict_line, qid, raw, verdict, self.config.dry_run)
+        self._count(verdict)
         return verdict
+
+    def _count(self, verdict: Verdict) -> None:
+        """One decision in the statistics: its group, and its source or reason."""
+        kind = verdict.kind
+        if kind is Kind.VALID or kind is Kind.INVALID:
+            self.stats.count(kind.value, verdict.source)
+        elif kind is Kind.BAD_SYNTAX:
+            self.stats.count("invalid", "syntax")
+        elif kind is Kind.SKIPPED:
+            self.stats.count("skipped", verdict.reply.split(" (", 1)[0])
+        else:
+            self.stats.count("unverified", verdict.why or "backend")
 
     def _hot_entry(self, raw: str) -> Optional[HotAddress]:
         """What an everyday address means for the hot path (None: take the slow path), memoised."""
+        memo = self._hot
         simple = addr.split_simple(raw)
         if simple is None:
             return None
@@ -159,12 +200,12 @@ class Verifier:
         if self._skipped_recipient(local, key):
             return None
         hot = HotAddress(key, b"rcpt=<%s> " % raw.strip("<>").encode(), answers)
-        if len(self._hot) >= HOT_MAX:
+        if len(memo) >= HOT_MAX:
             try:
-                self._hot.popitem(last=False)       # the oldest: no pause to clear them all
+                memo.popitem(last=False)       # the oldest: no pause to clear them all
             except KeyError:
                 pass
-        self._hot[raw] = hot
+        memo[raw] = hot
         return hot
 
     def _skipped_recipient(self, local: str, key: str) -> bool:
@@ -174,11 +215,12 @@ class Verifier:
 
     def _answers_for(self, domain: str) -> Optional[CachedAnswers]:
         """The cached-verdict answers of a domain's route (None: not routed), memoised."""
-        answers = self._domains.get(domain, False)
+        memo = self._domains
+        answers = memo.get(domain, False)
         if answers is False:
             route = self.router.route(domain)
-            answers = remember(self._domains, domain,
-                               None if route is None else cached_answers(route.label))
+            answers = remember(memo, domain, None if route is None else
+                               cached_answers(route.label, self.config.dry_run))
         return answers  # type: ignore[return-value]
 
     def _decide(self, raw: str, start: float) -> Verdict:
@@ -203,6 +245,14 @@ class Verifier:
         if hit is not None and not hit.stale:
             kind = Kind.VALID if hit.valid else Kind.INVALID
             return Verdict(kind, "cache", route.label, "cached")
+        self.stats.count("cache", "miss")
+        if self.shared is not None:
+            shared = self.shared.get(address.text.lower())
+            if shared is not None:
+                valid, ttl = shared
+                self.cache.put(address.text, valid, ttl)
+                return Verdict(Kind.VALID if valid else Kind.INVALID, "shared-cache", route.label,
+                               "cached")
         hosts = backend_hosts(route, address.domain)
         deadline = start + self.config.verify_timeout
         verdict = self.gate.run(address.text.lower(), deadline,
@@ -212,7 +262,8 @@ class Verifier:
             # beats accepting blindly or tempfailing a known user.
             kind = Kind.VALID if hit.valid else Kind.INVALID
             return Verdict(kind, "stale-cache", verdict.backend,
-                           f"backend trouble ({verdict.reply[:120]}); stale by {int(-hit.expires_in)} s")
+                           f"backend trouble ({verdict.reply[:120]}); stale by {int(-hit.expires_in)} s",
+                           why=verdict.why)
         return verdict
 
     def _probe_and_cache(self, hosts: tuple[HostSpec, ...], address: str,
@@ -220,19 +271,51 @@ class Verifier:
         """Probe, and cache a real verdict before anyone waiting on this probe is told."""
         verdict = self._probe(hosts, address, deadline)
         if verdict.kind in (Kind.VALID, Kind.INVALID):
-            self.cache.put(address, verdict.kind is Kind.VALID)
+            self.remember_verdict(address, verdict.kind is Kind.VALID)
         return verdict
 
+    def remember_verdict(self, address: str, valid: bool) -> None:
+        """Cache a backend's verdict here and, with BackCache, for every other daemon."""
+        self.cache.put(address, valid)
+        if self.shared is not None:
+            self.shared.put(address.lower(), valid,
+                            self.cache.valid_ttl if valid else self.cache.invalid_ttl)
+
+    def probe_live(self, address: str) -> Verdict:
+        """Ask the backend about an address now, past the cache and the probe gate (`check
+        --live`); the verdict is not cached here."""
+        parsed = addr.parse(address)
+        route = None if parsed.is_literal else self.router.route(parsed.domain)
+        if route is None:
+            return Verdict(Kind.SKIPPED, "rule", reply="domain not routed")
+        start = time.monotonic()
+        verdict = self._probe(backend_hosts(route, parsed.domain), parsed.text,
+                              start + self.config.verify_timeout)
+        return verdict._replace(ms=int((time.monotonic() - start) * 1000))
+
     def _ask(self, session: BackendSession, address: str, deadline: float) -> Verdict:
+        started = time.monotonic()
         code, text = session.rcpt(address, deadline)
+        self.stats.count("probes", session.label)
+        self.stats.latency(session.label, round((time.monotonic() - started) * 1000, 1))
         first = text.splitlines()[0] if text else ""
         kind = classify(code, text, self.settings.mail_from)
-        return Verdict(kind, "backend", session.label, f"{code} {first}"[:200])
+        return Verdict(kind, "backend", session.label, f"{code} {first}"[:200],
+                       why=f"backend said {code}" if kind is Kind.TROUBLE else "")
 
     def _probe(self, hosts: tuple[HostSpec, ...], address: str, deadline: float) -> Verdict:
         """Ask the backend, reusing a pooled session where there is one, failing over in order."""
         errors: list[str] = []
+        why = ""
         label = ",".join(str(spec) for spec in hosts)
+
+        def failed(where: str, exc: BackendError) -> Verdict:
+            nonlocal why
+            errors.append(f"{where} {exc}")
+            why = exc.kind
+            self.stats.count("backend-errors", f"{where} {exc.kind}")
+            return Verdict(Kind.TROUBLE, "backend", where, "; ".join(errors)[:300], why=why)
+
         for spec in hosts:
             for host, port in self.resolver.addresses(spec, deadline):
                 key = (host, port)
@@ -241,10 +324,9 @@ class Verifier:
                     try:
                         return self._ask_and_return(session, address, deadline)
                     except BackendError as exc:
-                        errors.append(f"{session.label} {exc}")
+                        trouble = failed(session.label, exc)
                         if time.monotonic() >= deadline:
-                            return Verdict(Kind.TROUBLE, "backend", session.label,
-                                           "; ".join(errors))
+                            return trouble
                         if exc.kind == "timeout":
                             continue        # a stalled backend: fail over to the next one
                         # A pooled session the backend has since closed or spoilt (421 on RSET,
@@ -253,27 +335,29 @@ class Verifier:
                 label = session.label
                 if self.backoff.blocked(key):
                     errors.append(f"{label} in backoff")
+                    why = why or "backoff"
                     continue
                 try:
                     session.open(deadline)
                 except BackendError as exc:
-                    errors.append(f"{label} {exc}")
+                    trouble = failed(label, exc)
                     if exc.kind in ("connect", "banner"):
                         # Refused, or accepting and never greeting: either way, skip it a while.
                         self.backoff.failed(key, label, exc.detail)
                     if time.monotonic() >= deadline:
-                        return Verdict(Kind.TROUBLE, "backend", label, "; ".join(errors))
+                        return trouble
                     continue
                 self.backoff.succeeded(key, label)
                 try:
                     return self._ask_and_return(session, address, deadline)
                 except BackendError as exc:
-                    errors.append(f"{label} {exc}")
+                    failed(label, exc)
                     if time.monotonic() >= deadline:
                         break
         if not errors:
             errors.append(f"no address found for {label}")
-        return Verdict(Kind.TROUBLE, "backend", label, "; ".join(errors)[:300])
+            why = "no address"
+        return Verdict(Kind.TROUBLE, "backend", label, "; ".join(errors)[:300], why=why)
 
     def _ask_and_return(self, session: BackendSession, address: str, deadline: float) -> Verdict:
         """One RCPT on a session, which goes back to the pool after (if it is still usable)."""

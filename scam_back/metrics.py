@@ -1,0 +1,81 @@
+"""Prometheus text exposition (StatsListen) of the same counters `scam-back-ctl stats` shows."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from .stats import DECISIONS
+
+
+class StatsCollector(Collector):
+    """Reads a stats snapshot on each scrape: nothing is counted twice, nothing goes stale."""
+
+    def __init__(self, snapshot: Callable[[], dict]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator:  # type: ignore[override]
+        snap = self.snapshot()
+        recipients = CounterMetricFamily("scam_back_recipients", "Recipients decided, by verdict "
+                                         "and by its source or reason", labels=["verdict", "reason"])
+        for verdict in DECISIONS:
+            for reason, value in snap[verdict].items():
+                recipients.add_metric([verdict, reason], value)
+        yield recipients
+        lookups = CounterMetricFamily("scam_back_cache_lookups", "Cache lookups by result",
+                                      labels=["cache", "result"])
+        cache = snap["cache"]
+        for where, result, key in (("local", "hit", "hits"), ("local", "miss", "misses"),
+                                   ("shared", "hit", "shared_hits"), ("shared", "miss", "shared_misses"),
+                                   ("shared", "error", "shared_errors")):
+            lookups.add_metric([where, result], cache[key])
+        yield lookups
+        skipped = CounterMetricFamily("scam_back_connections_skipped", "MTA connections not "
+                                      "verified, by rule", labels=["reason"])
+        for reason, value in snap["connections_skipped"].items():
+            skipped.add_metric([reason], value)
+        yield skipped
+        probes = CounterMetricFamily("scam_back_backend_probes", "RCPT probes sent to backends",
+                                     labels=["backend"])
+        for backend, value in snap["probes"].items():
+            probes.add_metric([backend], value)
+        yield probes
+        errors = CounterMetricFamily("scam_back_backend_errors", "Backend failures by kind",
+                                     labels=["backend", "kind"])
+        for label, value in snap["backend_errors"].items():
+            backend, _, kind = label.rpartition(" ")
+            errors.add_metric([backend, kind], value)
+        yield errors
+        latency = GaugeMetricFamily("scam_back_probe_latency_ms", "Probe round trip over the "
+                                    "latest probes, by backend and quantile",
+                                    labels=["backend", "quantile"])
+        for backend, figures in snap["latency_ms"].items():
+            for name in ("p50", "p90", "p99", "max"):
+                latency.add_metric([backend, name], figures[name])
+        yield latency
+        entries = GaugeMetricFamily("scam_back_cache_entries", "Entries in the local cache",
+                                    labels=["verdict"])
+        for verdict, value in snap["cache_entries"].items():
+            entries.add_metric([verdict], value)
+        yield entries
+        up = GaugeMetricFamily("scam_back_backend_up", "1 if a backend address is answering, "
+                               "0 while it fails or is skipped", labels=["backend"])
+        for backend, state in snap["backends"].items():
+            up.add_metric([backend], 1.0 if state == "up" else 0.0)
+        yield up
+        if snap["shared_cache"] is not None:
+            yield GaugeMetricFamily("scam_back_shared_cache_up", "1 while Redis answers",
+                                    value=1.0 if snap["shared_cache"]["up"] else 0.0)
+        yield GaugeMetricFamily("scam_back_uptime_seconds", "Seconds since start",
+                                value=snap["uptime"])
+
+
+def serve(host: str, port: int, snapshot: Callable[[], dict]):  # type: ignore[no-untyped-def]
+    """Start the exposition server in a background thread; returns the server (shutdown())."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(snapshot))
+    server, _ = start_http_server(port, host, registry)
+    return server

@@ -1,0 +1,94 @@
+"""Reloader: re-read scam.conf and its tables on `reload` or when they change on disk; a bad new
+config is refused with its reason and the running one keeps serving."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from . import log as logmod
+from . import routing
+from .config import Config, ConfigError
+from .verifier import Verifier
+
+log = logging.getLogger("scam-back")
+
+# Settings read once at start-up: a reload that changes them says they wait for a restart.
+RESTART_ONLY = {"shared_cache": "BackCache", "cache_password_file": "BackCachePasswordFile",
+                "cache_timeout": "BackCacheTimeout", "control_socket": "ControlSocket",
+                "stats_listen": "StatsListen", "cache_max": "BackCacheMax",
+                "invalid_cache_max": "BackInvalidCacheMax", "backlist": "BackList",
+                "bitbucket": "BitBucket", "save_interval": "BackListSaveInterval",
+                "stats_interval": "StatsInterval"}
+
+
+class ReloadError(Exception):
+    """The new config was refused; the message says where and why."""
+
+
+def _signature(path: str) -> tuple:
+    """What tells a file changed: mtime, size, inode (a file replaced by rename too)."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return ("missing", exc.errno)
+    return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+class Reloader:
+    """Owns the running config; swaps a new one into the verifier when it loads cleanly."""
+
+    def __init__(self, config: Config, verifier: Verifier) -> None:
+        self.config, self.verifier = config, verifier
+        self._lock = threading.Lock()
+        self._seen = self._signatures(config)   # files as last loaded, or last refused
+
+    @staticmethod
+    def _signatures(config: Config) -> dict:
+        return {path: _signature(path) for path in routing.watched_files(config)}
+
+    def reload(self, why: str = "asked by scam-back-ctl") -> list[str]:
+        """Load and apply the config; ReloadError (the old config stays) if it is bad."""
+        with self._lock:
+            seen = self._signatures(self.config)
+            try:
+                config, router, warnings = routing.load(self.config.path)
+            except ConfigError as exc:
+                self._seen = seen
+                log.error("reload refused (%s): %s; still serving the previous config", why, exc)
+                raise ReloadError(f"refused: {exc}; still serving the previous config") from None
+            lines = [f"warning: {w}" for w in warnings]
+            for fieldname, key in RESTART_ONLY.items():
+                if getattr(config, fieldname) != getattr(self.config, fieldname):
+                    lines.append(f"warning: {key} changed: it takes effect at the next restart")
+            self._apply(config, router)
+            self._seen = self._signatures(config)
+            for line in lines:
+                log.warning("reload: %s", line.removeprefix("warning: "))
+            log.info("reloaded %s (%s): %d domains routed%s", config.path, why,
+                     len(router.exact) + len(router.dotted),
+                     " and all other domains" if router.catchall else "")
+            return lines + [f"reloaded {config.path}"]
+
+    def _apply(self, config: Config, router: routing.Router) -> None:
+        verifier = self.verifier
+        cache = verifier.cache
+        # Keep the start-up's restart-only settings in the running config.
+        kept = {field: getattr(self.config, field) for field in RESTART_ONLY}
+        config = Config(**{**{f: getattr(config, f) for f in config.__dataclass_fields__}, **kept})
+        cache.valid_ttl, cache.invalid_ttl = config.valid_ttl, config.invalid_ttl
+        cache.stale_grace = config.stale_grace
+        verifier.reconfigure(config, router)
+        logmod.set_level(config.log_level)
+        self.config = config
+
+    def check(self) -> None:
+        """Reload if a watched file changed since the last look (called every few seconds)."""
+        current = self._signatures(self.config)
+        if current == self._seen:
+            return
+        try:
+            self.reload("changed on disk")
+        except ReloadError:
+            pass            # logged; tried again when the files change once more
