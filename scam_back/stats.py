@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import threading
 import time
 from typing import Callable, Iterable
@@ -30,7 +31,7 @@ class Counter:
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
     """The nearest-rank percentile of an already sorted, non-empty list."""
-    index = min(len(sorted_values) - 1, max(0, int(round(fraction * len(sorted_values) + 0.5)) - 1))
+    index = min(len(sorted_values) - 1, max(0, math.ceil(fraction * len(sorted_values)) - 1))
     return sorted_values[index]
 
 

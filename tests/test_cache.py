@@ -486,3 +486,65 @@ def test_fresh_skips_the_lru_bump_rather_than_wait_for_a_busy_lock():
     shard = cache._shard("a@x.test")
     with shard.lock:
         assert cache.fresh("a@x.test") is True
+
+
+# ---- admin operations: peek, drop, drop_where, dump_lines ----
+
+def _filled(max_entries: int = 1000) -> VerdictCache:
+    cache = VerdictCache(600, 60, max_entries)
+    for address, valid in (("a@example.net", True), ("b@example.net", False), ("c@sub.example.net", True),
+                           ("d@example.org", False), ("e@notexample.net", True)):
+        cache.put(address, valid)
+    return cache
+
+
+@pytest.mark.parametrize("max_entries", [1000, 200_000])      # one shard, and sharded
+def test_drop_where_by_domain_takes_subdomains_and_only_them(max_entries):
+    cache = _filled(max_entries)
+    assert cache.drop_where(domain="Example.NET") == 3
+    assert {line.split()[1] for line in cache.dump_lines()} == {"d@example.org", "e@notexample.net"}
+
+
+def test_drop_where_invalid_keeps_valid():
+    cache = _filled()
+    assert cache.drop_where(valid=False) == 2
+    assert cache.counts() == (3, 0)
+    assert cache.drop_where() == 3 and len(cache) == 0
+
+
+def test_drop_one_address_any_case():
+    cache = _filled()
+    assert cache.drop("A@Example.Net") == 1
+    assert cache.drop("a@example.net") == 0
+    assert cache.get("a@example.net") is None
+
+
+def test_peek_reports_without_expiring_or_reordering():
+    now = [0.0]
+    cache = VerdictCache(10, 10, 2, clock=lambda: now[0], stale_grace=100)
+    cache.put("old@x.test", True)
+    now[0] = 1.0
+    cache.put("new@x.test", True)
+    now[0] = 15.0
+    hit = cache.peek("old@x.test")
+    assert hit is not None and hit.stale and hit.valid
+    cache.put("third@x.test", True)               # peek did not make old@ the youngest
+    assert cache.peek("old@x.test") is None and cache.peek("new@x.test") is not None
+
+
+def test_put_with_a_shorter_ttl_never_a_longer_one():
+    now = [0.0]
+    cache = VerdictCache(100, 10, clock=lambda: now[0])
+    cache.put("a@x.test", True, ttl=5)
+    cache.put("b@x.test", True, ttl=500)
+    assert cache.peek("a@x.test").expires_in == 5
+    assert cache.peek("b@x.test").expires_in == 100
+
+
+def test_dump_lines_are_cache_file_lines():
+    cache = _filled()
+    lines = list(cache.dump_lines())
+    assert len(lines) == 5
+    for line in lines:
+        code, address, expiry = line.split()
+        assert code in ("0", "1") and "@" in address and expiry.isdigit()

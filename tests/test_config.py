@@ -446,3 +446,59 @@ def test_latin1_config_file_loads(tmp_path):
     path.write_bytes(b"# Serveur de messagerie \xe9tabli\nBackSMTPServer: 127.0.0.1\n"
                      b"BackAddrDomain: example.net\n")
     assert cfg.load(str(path)).domains[0].domain == "example.net"
+
+
+# ---- issue 6 keys: admin, statistics, shared cache, report-only ----
+
+@pytest.mark.parametrize("field, default", [
+    ("shared_cache", None), ("cache_password_file", None), ("cache_timeout", 0.05),
+    ("control_socket", None), ("stats_interval", 3600), ("stats_listen", None), ("dry_run", False),
+])
+def test_operations_keys_default(field, default):
+    assert getattr(parse(""), field) == default
+
+
+@pytest.mark.parametrize("line, field, value", [
+    ("BackCache: redis://127.0.0.1:6379/0", "shared_cache", "redis://127.0.0.1:6379/0"),
+    ("BackCache: rediss://:secret@redis.example.net", "shared_cache", "rediss://:secret@redis.example.net"),
+    ("BackCache: redis://[::1]:6380/2", "shared_cache", "redis://[::1]:6380/2"),
+    ("BackCachePasswordFile: /etc/mail/redis.pass", "cache_password_file", "/etc/mail/redis.pass"),
+    ("BackCacheTimeout: 0.2", "cache_timeout", 0.2),
+    ("ControlSocket: /run/scam/ctl", "control_socket", "/run/scam/ctl"),
+    ("StatsInterval: 0", "stats_interval", 0),
+    ("StatsListen: 127.0.0.1:9108", "stats_listen", ("127.0.0.1", 9108)),
+    ("StatsListen: [::1]:9108", "stats_listen", ("::1", 9108)),
+    ("BackDryRun: yes", "dry_run", True),
+])
+def test_operations_key_sets_its_value(line, field, value):
+    assert getattr(parse(line + "\n"), field) == value
+
+
+@pytest.mark.parametrize("line, key", [
+    ("BackCache: http://127.0.0.1:6379", "BackCache"),
+    ("BackCache: redis://127.0.0.1:99999/0", "BackCache"),
+    ("BackCacheTimeout: 0", "BackCacheTimeout"),
+    ("StatsListen: localhost:9108", "StatsListen"),
+    ("StatsListen: 127.0.0.1", "StatsListen"),
+    ("StatsInterval: soon", "StatsInterval"),
+    ("BackDryRun: maybe", "BackDryRun"),
+])
+def test_bad_operations_value_is_located(line, key):
+    assert_located(error(ROUTE + line + "\n"), ROUTE.count("\n") + 1, key)
+
+
+def test_password_never_shown_in_features():
+    config = parse("BackCache: redis://:hunter2@127.0.0.1:6379/0\n")
+    assert "hunter2" not in "\n".join(config.features())
+    assert "redis://***@127.0.0.1:6379/0" in config.shared_cache_shown
+
+
+def test_non_loopback_stats_listen_warns_with_its_line():
+    config = parse("StatsListen: 192.0.2.1:9108\n")
+    assert any(":3: StatsListen 192.0.2.1" in w for w in config.warnings), config.warnings
+
+
+def test_where_names_the_line_of_a_key():
+    config = parse("ControlSocket: /x/ctl\n")
+    assert config.where("control_socket") == f"{PATH}:3"
+    assert config.where("stats_listen") == PATH
