@@ -33,16 +33,11 @@ class StatsCollector(Collector):
                                    ("shared", "error", "shared_errors")):
             lookups.add_metric([where, result], cache[key])
         yield lookups
-        skipped = CounterMetricFamily("scam_back_connections_skipped", "MTA connections not "
-                                      "verified, by rule", labels=["reason"])
-        for reason, value in snap["connections_skipped"].items():
-            skipped.add_metric([reason], value)
-        yield skipped
-        probes = CounterMetricFamily("scam_back_backend_probes", "RCPT probes sent to backends",
-                                     labels=["backend"])
-        for backend, value in snap["probes"].items():
-            probes.add_metric([backend], value)
-        yield probes
+        yield _by_one_label(CounterMetricFamily, "scam_back_connections_skipped",
+                            "MTA connections not verified, by rule", "reason",
+                            snap["connections_skipped"])
+        yield _by_one_label(CounterMetricFamily, "scam_back_backend_probes",
+                            "RCPT probes sent to backends", "backend", snap["probes"])
         errors = CounterMetricFamily("scam_back_backend_errors", "Backend failures by kind",
                                      labels=["backend", "kind"])
         for label, value in snap["backend_errors"].items():
@@ -56,11 +51,8 @@ class StatsCollector(Collector):
             for name in ("p50", "p90", "p99", "max"):
                 latency.add_metric([backend, name], figures[name])
         yield latency
-        entries = GaugeMetricFamily("scam_back_cache_entries", "Entries in the local cache",
-                                    labels=["verdict"])
-        for verdict, value in snap["cache_entries"].items():
-            entries.add_metric([verdict], value)
-        yield entries
+        yield _by_one_label(GaugeMetricFamily, "scam_back_cache_entries",
+                            "Entries in the local cache", "verdict", snap["cache_entries"])
         up = GaugeMetricFamily("scam_back_backend_up", "1 if a backend address is answering, "
                                "0 while it fails or is skipped", labels=["backend"])
         for backend, state in snap["backends"].items():
@@ -71,6 +63,15 @@ class StatsCollector(Collector):
                                     value=1.0 if snap["shared_cache"]["up"] else 0.0)
         yield GaugeMetricFamily("scam_back_uptime_seconds", "Seconds since start",
                                 value=snap["uptime"])
+
+
+def _by_one_label(family: type, name: str, documentation: str, label: str,
+                  values: dict):  # type: ignore[no-untyped-def]
+    """A metric family with one sample per key of values."""
+    metric = family(name, documentation, labels=[label])
+    for key, value in values.items():
+        metric.add_metric([key], value)
+    return metric
 
 
 def serve(host: str, port: int, snapshot: Callable[[], dict]):  # type: ignore[no-untyped-def]
