@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import gc
@@ -283,6 +284,20 @@ def load_cache(cache: cachemod.VerdictCache, path: Optional[str]) -> None:
     gc.freeze()
 
 
+def absolute_paths(options: Options, config: Config) -> tuple[Options, Config]:
+    """Files named relative to the start directory, made absolute: -D moves to / before the
+    pid file is written, and reloads, saves and the control socket come later still."""
+    def absolute(path: Optional[str]) -> Optional[str]:
+        return os.path.abspath(path) if path else path
+    options = dataclasses.replace(options, pid_file=absolute(options.pid_file),
+                                  cache_file=absolute(options.cache_file))
+    config = dataclasses.replace(config, path=absolute(config.path), backlist=absolute(config.backlist),
+                                 control_socket=absolute(config.control_socket),
+                                 mailertable=absolute(config.mailertable),
+                                 transport_map=absolute(config.transport_map))
+    return options, config
+
+
 def start_exposition(config: Config, admin: Admin):  # type: ignore[no-untyped-def]
     """The Prometheus endpoint on StatsListen; a port that cannot be bound stops start-up."""
     from . import metrics       # prometheus_client is loaded only when asked for
@@ -303,6 +318,8 @@ def serve(options: Options, config: Config, router: Router) -> int:
     # A stop signal that arrives before libmilter's signal thread runs would kill the process
     # before it saved anything or removed its pid file: keep the signals pending until then.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    start_dir = os.getcwd()
+    options, config = absolute_paths(options, config)
     uid, gid = lookup_ids(options.user, options.group)
     if os.geteuid() == 0 and uid in (None, 0):
         raise StartupError("refusing to run as root: start it with -u USER, an unprivileged user "
@@ -362,7 +379,7 @@ def serve(options: Options, config: Config, router: Router) -> int:
         shared = sharedcache.SharedCache(config.shared_cache, config.cache_timeout, stats, password,
                                          config.shared_cache_shown)
     verifier = Verifier(config, router, cache, pool=pool, stats=stats, shared=shared)
-    reloader = Reloader(config, verifier)
+    reloader = Reloader(config, verifier, start_dir)
     admin = Admin(verifier, shared, reloader.reload)
     keeper = Housekeeper(cache, cache_path, config.save_interval, pool, reloader, admin,
                          config.stats_interval)

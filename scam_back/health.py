@@ -28,12 +28,10 @@ class Backoff:
 
     def failed(self, key: tuple[str, int], label: str, why: str) -> None:
         """A connect failed; start skipping once enough have failed in a row."""
-        if self.seconds <= 0:
-            return
         with self._lock:
             self._labels[key] = label
             count = self._failed[key] = self._failed.get(key, 0) + 1
-            if count < self.failures:
+            if count < self.failures or self.seconds <= 0:
                 return
             first = key not in self._until
             self._until[key] = self.clock() + self.seconds

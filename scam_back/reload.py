@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Optional
 
 from . import log as logmod
 from . import routing
@@ -39,8 +40,8 @@ def _signature(path: str) -> tuple:
 class Reloader:
     """Owns the running config; swaps a new one into the verifier when it loads cleanly."""
 
-    def __init__(self, config: Config, verifier: Verifier) -> None:
-        self.config, self.verifier = config, verifier
+    def __init__(self, config: Config, verifier: Verifier, base_dir: Optional[str] = None) -> None:
+        self.config, self.verifier, self.base_dir = config, verifier, base_dir
         self._lock = threading.Lock()
         self._seen = self._signatures(config)   # files as last loaded, or last refused
 
@@ -53,7 +54,7 @@ class Reloader:
         with self._lock:
             seen = self._signatures(self.config)
             try:
-                config, router, warnings = routing.load(self.config.path)
+                config, router, warnings = routing.load(self.config.path, self.base_dir)
             except ConfigError as exc:
                 self._seen = seen
                 log.error("reload refused (%s): %s; still serving the previous config", why, exc)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from . import config as configmod
@@ -94,10 +95,15 @@ def build(config: Config) -> tuple[Router, list[str]]:
     return router, warnings
 
 
-def load(path: str) -> tuple[Config, Router, list[str]]:
+def load(path: str, base_dir: Optional[str] = None) -> tuple[Config, Router, list[str]]:
     """Read a config file and the tables it names: (config, router, warnings); ConfigError if
-    either is bad. Used at start-up and for every reload."""
+    either is bad. Used at start-up and for every reload; relative table paths are taken from
+    base_dir when given (the start directory of a daemon that has since moved to /)."""
     config = configmod.load(path)
+    if base_dir:
+        config = replace(config, mailertable=os.path.join(base_dir, config.mailertable),
+                         transport_map=config.transport_map and
+                         os.path.join(base_dir, config.transport_map))
     router, table_warnings = build(config)
     return config, router, list(config.warnings) + table_warnings
 

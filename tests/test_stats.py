@@ -102,3 +102,13 @@ def test_prometheus_exposition_carries_the_counters(backend):
     assert 'scam_back_recipients_total{reason="backend",verdict="invalid"} 1.0' in text
     assert 'scam_back_cache_lookups_total{cache="local",result="miss"} 2.0' in text
     assert 'scam_back_backend_up{backend="127.0.0.1:1"} 1.0' in text
+
+
+def test_backends_that_fail_show_in_the_state_even_without_backoff():
+    from scam_back.health import Backoff
+    backoff = Backoff(0, 1, lambda: 0.0)
+    backoff.failed(("127.0.0.1", 1), "127.0.0.1:1", "refused")
+    assert not backoff.blocked(("127.0.0.1", 1))
+    assert backoff.states() == {"127.0.0.1:1": "1 failed connects in a row"}
+    backoff.succeeded(("127.0.0.1", 1), "127.0.0.1:1")
+    assert backoff.states() == {"127.0.0.1:1": "up"}
