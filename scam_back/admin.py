@@ -73,6 +73,7 @@ class Admin:
         else:
             lines.append(f"route: {route.key} -> {route.label}")
             lines.extend(self._backend_lines(backend_hosts(route, address.domain)))
+            lines.append("accept-all: " + verifier.catchall.describe(address.domain, route.label))
         lines.append("cache: " + self._local_line(key))
         if self.shared is not None:
             lines.append("shared cache: " + self._shared_line(key))
@@ -198,6 +199,7 @@ class Admin:
         snap["shared_cache"] = (None if self.shared is None else
                                 {"url": self.shared.url_shown, "up": self.shared.up})
         snap["dry_run"] = verifier.config.dry_run
+        snap["accept_all"] = verifier.catchall.states()
         return snap
 
     def state_lines(self) -> list[str]:
@@ -208,6 +210,7 @@ class Admin:
         if snap["shared_cache"] is not None:
             lines.append(f"shared cache {snap['shared_cache']['url']}: "
                          f"{'up' if snap['shared_cache']['up'] else 'DOWN'}")
+        lines.extend(f"accept-all {name}: {state}" for name, state in snap["accept_all"].items())
         lines.append(f"dry run: {'yes' if snap['dry_run'] else 'no'}")
         return lines
 

@@ -6,9 +6,12 @@ import io
 import logging
 import smtplib
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Optional
+
+from .config import Config, ConfigError
 
 log = logging.getLogger("scam-back")
 
@@ -32,6 +35,34 @@ class SessionSettings:
     ehlo: bool = True
     timeout_connect: float = 1.5
     timeout_reply: float = 3.0
+    tls: str = "no"                                 # BackTLS: no, may, verify
+    tls_context: Optional[ssl.SSLContext] = None
+    lmtp: bool = False                              # BackProtocol: lmtp (LHLO)
+
+
+def tls_context_for(config: Config) -> Optional[ssl.SSLContext]:
+    """BackTLS's context, or a ConfigError naming the BackTLSCAFile line it cannot use."""
+    try:
+        return tls_context(config.tls, config.tls_ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(config.path, config.key_lines.get("tls_ca_file", 0),
+                          f"BackTLSCAFile {config.tls_ca_file}: cannot use it: {reason} (give a "
+                          "PEM file of CA certificates)") from None
+
+
+def tls_context(mode: str, ca_file: Optional[str]) -> Optional[ssl.SSLContext]:
+    """The client context for BackTLS: none for no; no checks for may (it only hides the
+    dialogue from the wire); chain and name checked for verify (BackTLSCAFile or the system's
+    CAs). OSError or ssl.SSLError if the CA file cannot be used."""
+    if mode == "no":
+        return None
+    if mode == "may":
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=ca_file)
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -101,9 +132,13 @@ class BackendSession:
     by TimeoutSMTPReply and by the caller's deadline, whichever comes first.
     """
 
-    def __init__(self, host: str, port: int, settings: SessionSettings) -> None:
+    def __init__(self, host: str, port: int, settings: SessionSettings,
+                 lmtp: Optional[bool] = None, tls_name: Optional[str] = None) -> None:
         self.host, self.port, self.settings = host, port, settings
-        self.label = _format(host, port)
+        self.lmtp = settings.lmtp if lmtp is None else lmtp
+        self.tls_name = tls_name            # the name a BackTLS: verify certificate must carry
+        self.encrypted = False
+        self.label = ("lmtp:" if self.lmtp else "") + _format(host, port)
         self._smtp: Optional[_SMTP] = None
         self._in_transaction = False
         self._needs_reset = False
@@ -166,14 +201,57 @@ class BackendSession:
             raise BackendError("banner", f"banner {code} {raw.decode('utf-8', 'replace')[:80]}")
         self._smtp = smtp
         self._in_transaction = self._needs_reset = False
+        self.encrypted = False
+        code, text = self._greet(deadline)
+        if self.settings.tls != "no":
+            self._starttls(text, deadline)
+
+    def _greet(self, deadline: float) -> tuple[int, str]:
+        """EHLO (HELO when refused or when Ehlo: no), or LHLO for LMTP; returns the reply."""
         code, text = (0, "")
-        if self.settings.ehlo:
-            code, text = self._command(f"EHLO {self.settings.helo_name}", deadline)
-        if code != 250:
-            code, text = self._command(f"HELO {self.settings.helo_name}", deadline)
+        if self.lmtp:
+            code, text = self._command(f"LHLO {self.settings.helo_name}", deadline)
+        else:
+            if self.settings.ehlo or self.settings.tls != "no":
+                code, text = self._command(f"EHLO {self.settings.helo_name}", deadline)
+            if code != 250:
+                code, text = self._command(f"HELO {self.settings.helo_name}", deadline)
         if code != 250:
             self.close(deadline)
             raise BackendError("helo", f"greeting refused: {code} {text[:120]}")
+        return code, text
+
+    def _starttls(self, greeting: str, deadline: float) -> None:
+        """Upgrade with STARTTLS (RFC 3207) when offered; BackTLS: verify insists on it."""
+        verify = self.settings.tls == "verify"
+        offered = any(line.strip().upper() == "STARTTLS" for line in greeting.splitlines())
+        if not offered:
+            if verify:
+                self.close(deadline)
+                raise BackendError("tls", "STARTTLS not offered; BackTLS: verify does not verify "
+                                   "in the clear")
+            return
+        code, text = self._command("STARTTLS", deadline)
+        if code != 220:
+            if verify:
+                self.close(deadline)
+                raise BackendError("tls", f"STARTTLS refused: {code} {text[:120]}")
+            return          # may: carry on in the clear, the session is still good
+        smtp = self._smtp
+        assert smtp is not None and smtp.sock is not None and self.settings.tls_context is not None
+        try:
+            smtp.sock.settimeout(min(self.settings.timeout_reply, self._remaining(deadline)))
+            context = self.settings.tls_context
+            name = self.tls_name if verify and context.check_hostname else None
+            if verify and context.check_hostname and name is None:
+                name = self.host            # an address literal: the certificate must name it
+            smtp.sock = context.wrap_socket(smtp.sock, server_hostname=name)
+        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
+            self._drop()
+            raise BackendError("tls", f"TLS handshake failed: {exc}") from None
+        smtp.file = None        # the next reply is read through the encrypted socket
+        self.encrypted = True
+        self._greet(deadline)       # RFC 3207: forget what was said in the clear
 
     def _begin(self, deadline: float) -> None:
         if self._needs_reset:

@@ -15,6 +15,8 @@ from typing import Callable, Iterator, NamedTuple, Optional
 log = logging.getLogger("scam-back")
 
 VALID, INVALID = 0, 1   # the original's codes in the cache file
+DUE = 2                 # fresh(): valid, with less than a tenth of its TTL left (truthy)
+REFRESH_FRACTION = 0.1
 
 
 class CacheHit(NamedTuple):
@@ -90,6 +92,7 @@ class VerdictCache:
             self.invalid_max = max(1, min(invalid_max, max_entries // 2))
             self.valid_max = max(1, max_entries - self.invalid_max)
         self.stale_grace = stale_grace
+        self.refresh_before = valid_ttl * REFRESH_FRACTION
         self.clock, self.wallclock = clock, wallclock
         count = SHARDS if max_entries >= SHARD_FROM else 1
         # Keys never spread quite evenly: shards get 5% slack so a full cache loses no entry to
@@ -98,6 +101,11 @@ class VerdictCache:
         self._shards = [_Shard(int(-(-self.valid_max // count) * slack),
                                int(-(-self.invalid_max // count) * slack),
                                int(-(-max_entries // count) * slack)) for _ in range(count)]
+
+    def set_ttls(self, valid_ttl: float, invalid_ttl: float, stale_grace: float) -> None:
+        """New TTLs (a reload); entries keep the expiry they were given."""
+        self.valid_ttl, self.invalid_ttl, self.stale_grace = valid_ttl, invalid_ttl, stale_grace
+        self.refresh_before = valid_ttl * REFRESH_FRACTION
 
     def _shard(self, key: str) -> _Shard:
         shards = self._shards
@@ -131,8 +139,9 @@ class VerdictCache:
                 return CacheHit(valid, expires - now)
         return None
 
-    def fresh(self, key: str) -> Optional[bool]:
-        """The verdict for a lower-cased address if it is within its TTL, else None.
+    def fresh(self, key: str) -> Optional[int]:
+        """The verdict for a lower-cased address if it is within its TTL, else None: True
+        (valid), False (invalid), or DUE (valid, less than a tenth of its TTL left: refresh it).
 
         The hot path of every cached decision. A single dict read is atomic in CPython, so the
         read takes no lock: with one shard (a small cache) every MTA thread would queue on it.
@@ -161,7 +170,9 @@ class VerdictCache:
                 pass
             finally:
                 shard.lock.release()
-        return entries is shard.valid
+        if entries is shard.valid:
+            return DUE if expires - now < self.refresh_before else True
+        return False
 
     def put(self, address: str, valid: bool, ttl: Optional[float] = None) -> None:
         """Remember a verdict for its kind's TTL (or a shorter ttl, as a shared cache gives it);

@@ -31,10 +31,12 @@ class HostSpec:
     host: str
     port: int = 25
     mx: bool = False
+    protocol: str = ""          # "lmtp" from a table's lmtp: route; "" means BackProtocol
 
     def __str__(self) -> str:
         shown = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{shown}:{self.port}" if not self.mx else f"MX({self.host}):{self.port}"
+        text = f"{shown}:{self.port}" if not self.mx else f"MX({self.host}):{self.port}"
+        return f"{self.protocol}:{text}" if self.protocol else text
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,10 @@ class Config:
     stats_interval: int = 3600
     stats_listen: Optional[tuple[str, int]] = None
     dry_run: bool = False
+    catchall_check: int = 21600
+    tls: str = "no"
+    tls_ca_file: Optional[str] = None
+    protocol: str = "smtp"
     warnings: tuple[str, ...] = field(default=(), compare=False)
     key_lines: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -308,6 +314,20 @@ def parse_listen(text: str) -> tuple[str, int]:
     return address, parse_port(port)
 
 
+def parse_tls(text: str) -> str:
+    """STARTTLS to backends: no, may (when offered) or verify (required, certificate checked)."""
+    if text.lower() not in ("no", "may", "verify"):
+        raise ValueError(f'must be no, may or verify: "{text}"')
+    return text.lower()
+
+
+def parse_protocol(text: str) -> str:
+    """The backends' protocol: smtp (EHLO) or lmtp (LHLO)."""
+    if text.lower() not in ("smtp", "lmtp"):
+        raise ValueError(f'must be smtp or lmtp: "{text}"')
+    return text.lower()
+
+
 def parse_path(text: str) -> str:
     """A file path."""
     if "\x00" in text:
@@ -361,6 +381,10 @@ KEYS: dict[str, tuple[str, Callable, Optional[str], bool]] = {k.lower(): (k, p, 
     ("StatsInterval", parse_int, "stats_interval", False),
     ("StatsListen", parse_listen, "stats_listen", False),
     ("BackDryRun", parse_bool, "dry_run", False),
+    ("BackCatchAllCheck", parse_int, "catchall_check", False),
+    ("BackTLS", parse_tls, "tls", False),
+    ("BackTLSCAFile", parse_path, "tls_ca_file", False),
+    ("BackProtocol", parse_protocol, "protocol", False),
 ]}
 
 
@@ -495,6 +519,9 @@ def parse_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
     if "cache_password_file" in values and "shared_cache" not in values:
         warnings.append(f"{path}:{seen['cache_password_file']}: BackCachePasswordFile is used only "
                         "with BackCache: redis://...")
+    if "tls_ca_file" in values and values.get("tls", "no") == "no":
+        warnings.append(f"{path}:{seen['tls_ca_file']}: BackTLSCAFile is used only with "
+                        "BackTLS: may or verify")
     if "helo_name" not in values:
         values["helo_name"] = default_helo_name()
         if "." not in str(values["helo_name"]):

@@ -22,10 +22,12 @@ import Milter
 import milter as libmilter
 
 from . import cache as cachemod
+from . import catchall
 from . import control
 from . import log as logmod
 from . import sharedcache
 from .admin import Admin
+from .backend import tls_context_for
 from .config import Config, ConfigError
 from .milter import ScamBackMilter
 from .pool import SessionPool
@@ -330,6 +332,7 @@ def serve(options: Options, config: Config, router: Router) -> int:
                     "senders get no bounce for them")
     try:
         password = sharedcache.read_password(config)    # often readable by root only
+        tls = tls_context_for(config)                   # BackTLSCAFile too
     except ConfigError as exc:
         raise StartupError(str(exc), EX_CONFIG) from None
     make_run_dir(options.pid_file, uid, gid)
@@ -378,7 +381,8 @@ def serve(options: Options, config: Config, router: Router) -> int:
     if config.shared_cache:
         shared = sharedcache.SharedCache(config.shared_cache, config.cache_timeout, stats, password,
                                          config.shared_cache_shown)
-    verifier = Verifier(config, router, cache, pool=pool, stats=stats, shared=shared)
+    verifier = Verifier(config, router, cache, pool=pool, stats=stats, shared=shared,
+                        secret=catchall.load_secret(cache_path), tls_context=tls)
     reloader = Reloader(config, verifier, start_dir)
     admin = Admin(verifier, shared, reloader.reload)
     keeper = Housekeeper(cache, cache_path, config.save_interval, pool, reloader, admin,
@@ -410,6 +414,7 @@ def serve(options: Options, config: Config, router: Router) -> int:
             return EX_OSERR
         return EX_OK
     finally:
+        verifier.refresher.stop()
         keeper.stop()
         if controller is not None:
             controller.stop()

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import ConfigError, HostSpec, parse_domain, parse_host
 
-SMTP_MAILERS = {"smtp", "esmtp", "smtp8", "dsmtp", "relay"}
-POSTFIX_SMTP_TRANSPORTS = {"smtp", "relay", ""}     # "" is ":nexthop", the default transport
+SMTP_MAILERS = {"smtp", "esmtp", "smtp8", "dsmtp", "relay", "lmtp"}
+POSTFIX_SMTP_TRANSPORTS = {"smtp", "relay", "", "lmtp"}  # "" is ":nexthop", the default transport
+LMTP_PORT = 24              # an lmtp: route without a port (LMTP has no standard TCP port)
+
+
+def _as_lmtp(hosts: tuple[HostSpec, ...]) -> tuple[HostSpec, ...]:
+    """An lmtp: route's hosts: spoken to with LHLO."""
+    return tuple(replace(h, protocol="lmtp") for h in hosts)
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,10 @@ def parse_text(text: str, path: str, default_port: int = 25) -> tuple[list[Table
             warnings.append(f'{path}:{lineno}: {key}: "{hosts}" uses a macro, not verified')
             continue
         try:
-            routes.append(TableRoute(key, parse_hosts(hosts, default_port), lineno))
+            if mailer == "lmtp":
+                routes.append(TableRoute(key, _as_lmtp(parse_hosts(hosts, LMTP_PORT)), lineno))
+            else:
+                routes.append(TableRoute(key, parse_hosts(hosts, default_port), lineno))
         except ValueError as exc:
             warnings.append(f"{path}:{lineno}: {key}: {exc}, line skipped")
     return routes, warnings
@@ -160,12 +169,19 @@ def parse_transport(text: str, path: str, default_port: int = 25) -> tuple[list[
                 warnings.append(f"{path}:{lineno}: {exc}, line skipped")
                 continue
         transport, _, nexthop = value.partition(":")
-        if transport.lower() not in POSTFIX_SMTP_TRANSPORTS:
-            warnings.append(f'{path}:{lineno}: {key}: "{value}" is not an SMTP route '
-                            "(smtp:, relay:), not verified")
+        transport = transport.lower()
+        if transport == "lmtp" and nexthop.startswith("inet:"):
+            nexthop = nexthop[5:]
+        if transport not in POSTFIX_SMTP_TRANSPORTS or (transport == "lmtp" and
+                                                         (not nexthop or nexthop.startswith("unix:"))):
+            warnings.append(f'{path}:{lineno}: {key}: "{value}" is not an SMTP or LMTP route over '
+                            "TCP (smtp:, relay:, lmtp:[host]:port), not verified")
             continue
         try:
-            routes.append(TableRoute(key, parse_nexthops(nexthop, default_port), lineno))
+            if transport == "lmtp":
+                routes.append(TableRoute(key, _as_lmtp(parse_nexthops(nexthop, LMTP_PORT)), lineno))
+            else:
+                routes.append(TableRoute(key, parse_nexthops(nexthop, default_port), lineno))
         except ValueError as exc:
             warnings.append(f"{path}:{lineno}: {key}: {exc}, line skipped")
     return routes, warnings

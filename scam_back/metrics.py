@@ -51,6 +51,19 @@ class StatsCollector(Collector):
             for name in ("p50", "p90", "p99", "max"):
                 latency.add_metric([backend, name], figures[name])
         yield latency
+        for name, key, what in (("refreshes", "refreshes", "Background refreshes of valid "
+                                 "entries near expiry, by result"),
+                                ("rechecks", "rechecks", "Second probes after a 5xx for an "
+                                 "address that was valid, by result"),
+                                ("accept_all_checks", "accept_all_checks", "Probes of an address "
+                                 "that cannot exist, by result")):
+            yield _by_one_label(CounterMetricFamily, f"scam_back_{name}", what, "result", snap[key])
+        accepts = GaugeMetricFamily("scam_back_backend_accepts_all", "1 if the backend accepted "
+                                    "an address that cannot exist", labels=["domain", "backend"])
+        for name, state in snap.get("accept_all", {}).items():
+            domain, _, backend = name.partition(" at ")
+            accepts.add_metric([domain, backend], 1.0 if state.startswith("ACCEPTS ALL") else 0.0)
+        yield accepts
         yield _by_one_label(GaugeMetricFamily, "scam_back_cache_entries",
                             "Entries in the local cache", "verdict", snap["cache_entries"])
         up = GaugeMetricFamily("scam_back_backend_up", "1 if a backend address is answering, "

@@ -21,7 +21,7 @@ RESTART_ONLY = {"shared_cache": "BackCache", "cache_password_file": "BackCachePa
                 "stats_listen": "StatsListen", "cache_max": "BackCacheMax",
                 "invalid_cache_max": "BackInvalidCacheMax", "backlist": "BackList",
                 "bitbucket": "BitBucket", "save_interval": "BackListSaveInterval",
-                "stats_interval": "StatsInterval"}
+                "stats_interval": "StatsInterval", "tls": "BackTLS", "tls_ca_file": "BackTLSCAFile"}
 
 
 class ReloadError(Exception):
@@ -78,8 +78,7 @@ class Reloader:
         # Keep the start-up's restart-only settings in the running config.
         kept = {field: getattr(self.config, field) for field in RESTART_ONLY}
         config = Config(**{**{f: getattr(config, f) for f in config.__dataclass_fields__}, **kept})
-        cache.valid_ttl, cache.invalid_ttl = config.valid_ttl, config.invalid_ttl
-        cache.stale_grace = config.stale_grace
+        cache.set_ttls(config.valid_ttl, config.invalid_ttl, config.stale_grace)
         verifier.reconfigure(config, router)
         logmod.set_level(config.log_level)
         self.config = config

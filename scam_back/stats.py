@@ -105,6 +105,9 @@ class Stats:
                       "shared_misses": cache.get("shared-miss", 0),
                       "shared_errors": cache.get("shared-error", 0)},
             "connections_skipped": self.group("connection-skipped"),
+            "refreshes": self.group("refresh"),
+            "rechecks": self.group("recheck"),
+            "accept_all_checks": self.group("accept-all-checks"),
             "probes": self.group("probes"),
             "backend_errors": self.group("backend-errors"),
             "latency_ms": self.latencies(),
@@ -125,7 +128,8 @@ def summary_line(snap: dict) -> str:
 def report(snap: dict, extra: Iterable[str] = ()) -> list[str]:
     """`scam-back-ctl stats` as text lines, one counter per line, grouped."""
     lines = [f"uptime: {int(snap['uptime'])} s", f"recipients seen: {snap['recipients']}"]
-    for name in DECISIONS + ("connections_skipped", "probes", "backend_errors"):
+    for name in DECISIONS + ("connections_skipped", "probes", "backend_errors", "refreshes",
+                             "rechecks", "accept_all_checks"):
         counts = snap[name]
         lines.append(f"{name.replace('_', ' ')}: {sum(counts.values())}")
         lines.extend(f"  {label or '-'}: {value}" for label, value in counts.items())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import secrets
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -12,11 +14,13 @@ from typing import Callable, NamedTuple, Optional, TypeVar
 
 from . import address as addr
 from . import log as logmod
-from .backend import BackendError, BackendSession, SessionSettings
-from .cache import VerdictCache
+from .backend import BackendError, BackendSession, SessionSettings, tls_context_for
+from .cache import DUE, VerdictCache
+from .catchall import AcceptAllCheck
 from .health import Backoff
 from .pool import SessionPool
 from .probes import ProbeGate
+from .refresh import Refresher
 from .config import Config, HostSpec
 from .resolve import Resolver
 from .routing import Route, Router
@@ -94,9 +98,13 @@ class Verifier:
                  resolver: Optional[Resolver] = None,
                  clock: Callable[[], float] = time.monotonic,
                  pool: Optional[SessionPool] = None, stats: Optional[Stats] = None,
-                 shared: Optional[SharedCache] = None) -> None:
+                 shared: Optional[SharedCache] = None, secret: Optional[bytes] = None,
+                 tls_context: Optional[ssl.SSLContext] = None) -> None:
         self.cache, self.clock, self.shared = cache, clock, shared
         self.stats = stats or Stats()
+        self.tls_context = tls_context or tls_context_for(config)   # BackTLS: read once
+        self.catchall = AcceptAllCheck(secret or secrets.token_bytes(32), config.catchall_check)
+        self.refresher = Refresher(self.refresh)
         self.pool = pool or SessionPool(config.idle_timeout, config.max_probes)
         self.backoff = Backoff(config.backoff, config.backoff_failures, clock)
         self._hit_valid = self.stats.counter("valid", "cache")
@@ -115,7 +123,9 @@ class Verifier:
         self.resolver = resolver or Resolver(config.dns_server, config.prefer_ip_version,
                                              lifetime=min(3.0, config.verify_timeout))
         self.settings = SessionSettings(config.helo_name, config.probe_sender, config.ehlo,
-                                        config.timeout_connect, config.timeout_reply)
+                                        config.timeout_connect, config.timeout_reply, config.tls,
+                                        self.tls_context, config.protocol == "lmtp")
+        self.catchall.interval = config.catchall_check
         self.backoff.seconds, self.backoff.failures = config.backoff, max(1, config.backoff_failures)
         self.gate = ProbeGate(config.max_probes)
         self.pool.idle_timeout, self.pool.max_idle = config.idle_timeout, config.max_probes
@@ -166,6 +176,8 @@ class Verifier:
                     qid.encode() if qid else b"-", hot.shown,
                     answers.valid_tail if fresh else answers.invalid_tail))
                 (self._hit_valid if fresh else self._hit_invalid)()
+                if fresh == DUE:
+                    self.refresher.due(raw)     # after the answer, in the background
                 return answers.valid if fresh else answers.invalid
         start = time.monotonic()
         verdict = self._decide(raw, start)
@@ -243,6 +255,8 @@ class Verifier:
             return Verdict(Kind.SKIPPED, "rule", route.label, "SMTPUTF8 address, not verified")
         hit = self.cache.get(address.text)
         if hit is not None and not hit.stale:
+            if hit.valid and hit.expires_in < self.cache.refresh_before:
+                self.refresher.due(raw)
             kind = Kind.VALID if hit.valid else Kind.INVALID
             return Verdict(kind, "cache", route.label, "cached")
         self.stats.count("cache", "miss")
@@ -253,10 +267,10 @@ class Verifier:
                 self.cache.put(address.text, valid, ttl)
                 return Verdict(Kind.VALID if valid else Kind.INVALID, "shared-cache", route.label,
                                "cached")
-        hosts = backend_hosts(route, address.domain)
         deadline = start + self.config.verify_timeout
-        verdict = self.gate.run(address.text.lower(), deadline,
-                                lambda: self._probe_and_cache(hosts, address.text, deadline))
+        was_valid = hit is not None and hit.valid
+        verdict = self.gate.run(address.text.lower(), deadline, lambda: self._probe_and_cache(
+            route, address.domain, address.text, deadline, was_valid))
         if verdict.kind is Kind.TROUBLE and hit is not None:
             # The backend cannot answer: a verdict past its TTL (within BackStaleGrace) still
             # beats accepting blindly or tempfailing a known user.
@@ -266,13 +280,61 @@ class Verifier:
                            why=verdict.why)
         return verdict
 
-    def _probe_and_cache(self, hosts: tuple[HostSpec, ...], address: str,
-                         deadline: float) -> Verdict:
-        """Probe, and cache a real verdict before anyone waiting on this probe is told."""
+    def _probe_and_cache(self, route: Route, domain: str, address: str, deadline: float,
+                         was_valid: bool = False) -> Verdict:
+        """Probe, and cache a real verdict before anyone waiting on this probe is told.
+
+        Checks first, when due, whether the backend accepts every address of the domain (then
+        no positive is cached). A 5xx for an address that was valid is believed only when a
+        second probe says it again: one glitch must not reject a real user for an hour.
+        """
+        hosts = backend_hosts(route, domain)
+        self._check_accept_all(hosts, domain, route.label, deadline)
         verdict = self._probe(hosts, address, deadline)
-        if verdict.kind in (Kind.VALID, Kind.INVALID):
+        if verdict.kind is Kind.INVALID and was_valid:
+            second = self._probe(hosts, address, deadline)
+            self.stats.count("recheck", "confirmed" if second.kind is Kind.INVALID else
+                             second.kind.value)
+            log.info("rcpt=<%s> was valid; the backend said \"%s\", asked again: %s", address,
+                     verdict.reply[:120], second.kind.value)
+            verdict = second if second.kind is not Kind.TROUBLE else \
+                second._replace(why="5xx not confirmed")
+        if verdict.kind is Kind.INVALID or (verdict.kind is Kind.VALID and
+                                            not self.catchall.accepts_all(domain, route.label)):
             self.remember_verdict(address, verdict.kind is Kind.VALID)
         return verdict
+
+    def _check_accept_all(self, hosts: tuple[HostSpec, ...], domain: str, label: str,
+                          deadline: float) -> None:
+        """Probe an address that cannot exist, if this domain's check at this backend is due."""
+        probe = self.catchall.due(domain, label)
+        if probe is None:
+            return
+        verdict = self._probe(hosts, probe, deadline)
+        self.stats.count("accept-all-checks", verdict.kind.value)
+        if self.catchall.found(domain, label, probe, verdict):
+            dropped = self.cache.drop_where(invalid=False, domain=domain)
+            if dropped:
+                log.info("dropped %d cached positives of %s (its backend accepts all)", dropped,
+                         domain)
+
+    def refresh(self, raw: str) -> None:
+        """Re-probe a valid entry near the end of its TTL (in the background): a valid answer
+        renews it; a 5xx is confirmed before it turns invalid; trouble keeps the old entry."""
+        try:
+            address = addr.parse(raw)
+        except addr.AddressError:
+            return
+        route = None if address.is_literal else self.router.route(address.domain)
+        if route is None:
+            return
+        deadline = time.monotonic() + self.config.verify_timeout
+        verdict = self.gate.run(address.text.lower(), deadline, lambda: self._probe_and_cache(
+            route, address.domain, address.text, deadline, was_valid=True))
+        self.stats.count("refresh", verdict.kind.value)
+        if verdict.kind is Kind.TROUBLE:
+            log.info("refresh of rcpt=<%s> got no verdict (%s); the cached entry is kept",
+                     address.text, verdict.reply[:160])
 
     def remember_verdict(self, address: str, valid: bool) -> None:
         """Cache a backend's verdict here and, with BackCache, for every other daemon."""
@@ -331,7 +393,9 @@ class Verifier:
                             continue        # a stalled backend: fail over to the next one
                         # A pooled session the backend has since closed or spoilt (421 on RSET,
                         # say) is retried once on a fresh one.
-                session = BackendSession(host, port, self.settings)
+                session = BackendSession(host, port, self.settings,
+                                         lmtp=True if spec.protocol == "lmtp" else None,
+                                         tls_name=None if spec.mx else spec.host)
                 label = session.label
                 if self.backoff.blocked(key):
                     errors.append(f"{label} in backoff")

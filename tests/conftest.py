@@ -45,6 +45,8 @@ def make_config(text: str, path: str = "/test/scam.conf") -> configmod.Config:
     """A Config from text, with a fixed HeloName unless the text sets one."""
     if "heloname" not in text.lower():
         text += "\nHeloName: mx.test.example\n"
+    if "backcatchallcheck" not in text.lower():
+        text += "\nBackCatchAllCheck: 0\n"     # tests count RCPTs; accept-all has its own tests
     return configmod.parse_text(text, path)
 
 
@@ -61,7 +63,7 @@ def backend_conf(backend: Backend, extra: str = "", domain: str = "example.net")
     """Config text routing one domain to a test backend, with short timeouts."""
     return (f"BackSMTPPort: {backend.port}\nBackSMTPServer: 127.0.0.1\nBackAddrDomain: {domain}\n"
             "TimeoutSMTPConnect: 1\nTimeoutSMTPReply: 1\nBackSkipLoopback: no\n"
-            "HeloName: mx.test.example\n" + extra)
+            "HeloName: mx.test.example\nBackCatchAllCheck: 0\n" + extra)
 
 
 @pytest.fixture

@@ -502,3 +502,35 @@ def test_where_names_the_line_of_a_key():
     config = parse("ControlSocket: /x/ctl\n")
     assert config.where("control_socket") == f"{PATH}:3"
     assert config.where("stats_listen") == PATH
+
+
+# ---- issue 7 keys: accept-all checks, STARTTLS, LMTP ----
+
+@pytest.mark.parametrize("line, field, value", [
+    ("BackCatchAllCheck: 3600", "catchall_check", 3600),
+    ("BackCatchAllCheck: 0", "catchall_check", 0),
+    ("BackTLS: MAY", "tls", "may"),
+    ("BackTLS: verify", "tls", "verify"),
+    ("BackTLSCAFile: /etc/ssl/inner-ca.pem", "tls_ca_file", "/etc/ssl/inner-ca.pem"),
+    ("BackProtocol: LMTP", "protocol", "lmtp"),
+])
+def test_smarter_key_sets_its_value(line, field, value):
+    assert getattr(parse(line + "\n"), field) == value
+
+
+def test_smarter_defaults():
+    config = parse("")
+    assert (config.catchall_check, config.tls, config.tls_ca_file, config.protocol) == \
+        (21600, "no", None, "smtp")
+
+
+@pytest.mark.parametrize("line, key", [
+    ("BackTLS: yes", "BackTLS"), ("BackProtocol: esmtp", "BackProtocol"),
+    ("BackCatchAllCheck: -1", "BackCatchAllCheck"),
+])
+def test_bad_smarter_value_is_located(line, key):
+    assert_located(error(ROUTE + line + "\n"), 3, key)
+
+
+def test_ca_file_without_tls_warns():
+    assert any("BackTLSCAFile is used only with" in w for w in parse("BackTLSCAFile: /x.pem\n").warnings)

@@ -1,0 +1,75 @@
+"""Refresher: re-probe valid entries near the end of their TTL in the background, after the
+client has its answer, so an address in use never drops out of the cache."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from typing import Callable
+
+from .threads import start_quiet_thread
+
+log = logging.getLogger("scam-back")
+
+MAX_PENDING = 10_000        # refreshes waiting; past this, the entry is simply asked for later
+WORKERS = 2                 # refreshes in flight (each also takes a BackMaxProbes slot)
+
+
+class Refresher:
+    """A bounded queue of addresses to re-probe, each at most once at a time, and its workers."""
+
+    def __init__(self, refresh: Callable[[str], None], workers: int = WORKERS,
+                 max_pending: int = MAX_PENDING) -> None:
+        self._refresh, self.workers, self.max_pending = refresh, workers, max_pending
+        self._queue: "collections.deque[str]" = collections.deque()
+        self._pending: set[str] = set()
+        self._cond = threading.Condition()
+        self._busy = 0
+        self._started = False
+        self._stopped = False
+
+    def due(self, raw: str) -> bool:
+        """Ask for a refresh of an RCPT address; False if it is already queued or the queue is full."""
+        with self._cond:
+            if raw in self._pending or len(self._pending) >= self.max_pending or self._stopped:
+                return False
+            self._pending.add(raw)
+            self._queue.append(raw)
+            if not self._started:
+                self._started = True
+                for number in range(self.workers):
+                    start_quiet_thread(self._run, f"refresh-{number}")
+            self._cond.notify()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                raw = self._queue.popleft()
+                self._busy += 1
+            try:
+                self._refresh(raw)
+            except Exception:
+                log.exception("internal error refreshing <%s>; the cached entry is kept", raw)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._pending.discard(raw)
+                    self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is queued or running (tests, shutdown); True if so in time."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._queue.clear()
+            self._pending.clear()
+            self._cond.notify_all()
