@@ -36,14 +36,18 @@ class SessionSettings:
     timeout_connect: float = 1.5
     timeout_reply: float = 3.0
     tls: str = "no"                                 # BackTLS: no, may, verify
-    tls_context: Optional[ssl.SSLContext] = None
-    lmtp: bool = False                              # BackProtocol: lmtp (LHLO)
+    tls_contexts: "TLSContexts" = (None, None)      # for named hosts, for hosts found by MX
 
 
-def tls_context_for(config: Config) -> Optional[ssl.SSLContext]:
-    """BackTLS's context, or a ConfigError naming the BackTLSCAFile line it cannot use."""
+TLSContexts = tuple[Optional[ssl.SSLContext], Optional[ssl.SSLContext]]
+
+
+def tls_contexts_for(config: Config) -> TLSContexts:
+    """BackTLS's contexts (for named hosts; for hosts found by MX), or a ConfigError naming the
+    BackTLSCAFile line it cannot use."""
     try:
-        return tls_context(config.tls, config.tls_ca_file)
+        return (tls_context(config.tls, config.tls_ca_file),
+                tls_context(config.tls, config.tls_ca_file, check_name=False))
     except (OSError, ssl.SSLError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ConfigError(config.path, config.key_lines.get("tls_ca_file", 0),
@@ -51,10 +55,12 @@ def tls_context_for(config: Config) -> Optional[ssl.SSLContext]:
                           "PEM file of CA certificates)") from None
 
 
-def tls_context(mode: str, ca_file: Optional[str]) -> Optional[ssl.SSLContext]:
-    """The client context for BackTLS: none for no; no checks for may (it only hides the
-    dialogue from the wire); chain and name checked for verify (BackTLSCAFile or the system's
-    CAs). OSError or ssl.SSLError if the CA file cannot be used."""
+def tls_context(mode: str, ca_file: Optional[str],
+                check_name: bool = True) -> Optional[ssl.SSLContext]:
+    """The client context for BackTLS: none for no; no checks for may (it only keeps the
+    dialogue off the wire); for verify, the chain (BackTLSCAFile or the system's CAs) and,
+    unless check_name is off (an MX host, whose name is not known here), the host name.
+    OSError or ssl.SSLError if the CA file cannot be used."""
     if mode == "no":
         return None
     if mode == "may":
@@ -62,7 +68,9 @@ def tls_context(mode: str, ca_file: Optional[str]) -> Optional[ssl.SSLContext]:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
-    return ssl.create_default_context(cafile=ca_file)
+    context = ssl.create_default_context(cafile=ca_file)
+    context.check_hostname = check_name
+    return context
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -121,6 +129,9 @@ class _SMTP(smtplib.SMTP):
         return super().getreply()
 
 
+PoolKey = tuple[str, int, bool, Optional[str]]
+
+
 def _format(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -133,12 +144,16 @@ class BackendSession:
     """
 
     def __init__(self, host: str, port: int, settings: SessionSettings,
-                 lmtp: Optional[bool] = None, tls_name: Optional[str] = None) -> None:
+                 lmtp: bool = False, tls_name: Optional[str] = None) -> None:
         self.host, self.port, self.settings = host, port, settings
-        self.lmtp = settings.lmtp if lmtp is None else lmtp
-        self.tls_name = tls_name            # the name a BackTLS: verify certificate must carry
+        self.lmtp = lmtp
+        self.tls_name = tls_name            # the name (or literal) a verified certificate carries;
+        # None for a host found by MX: its certificate's chain is checked, not its name
         self.encrypted = False
         self.label = ("lmtp:" if self.lmtp else "") + _format(host, port)
+        # Sessions are pooled only with their like: a session verified for one TLS name, or
+        # speaking LMTP, is no session for another route to the same address.
+        self.pool_key: PoolKey = (host, port, self.lmtp, tls_name)
         self._smtp: Optional[_SMTP] = None
         self._in_transaction = False
         self._needs_reset = False
@@ -238,14 +253,12 @@ class BackendSession:
                 raise BackendError("tls", f"STARTTLS refused: {code} {text[:120]}")
             return          # may: carry on in the clear, the session is still good
         smtp = self._smtp
-        assert smtp is not None and smtp.sock is not None and self.settings.tls_context is not None
+        named, by_mx = self.settings.tls_contexts
+        context = named if self.tls_name else by_mx
+        assert smtp is not None and smtp.sock is not None and context is not None
         try:
             smtp.sock.settimeout(min(self.settings.timeout_reply, self._remaining(deadline)))
-            context = self.settings.tls_context
-            name = self.tls_name if verify and context.check_hostname else None
-            if verify and context.check_hostname and name is None:
-                name = self.host            # an address literal: the certificate must name it
-            smtp.sock = context.wrap_socket(smtp.sock, server_hostname=name)
+            smtp.sock = context.wrap_socket(smtp.sock, server_hostname=self.tls_name)
         except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
             self._drop()
             raise BackendError("tls", f"TLS handshake failed: {exc}") from None

@@ -78,7 +78,7 @@ def load_all(path: str) -> tuple[configmod.Config, routing.Router]:
     for warning in warnings:
         log.warning("%s", warning)
     sharedcache.read_password(config)       # a missing password file is a config error too
-    backend.tls_context_for(config)         # and so is a BackTLSCAFile that cannot be used
+    backend.tls_contexts_for(config)         # and so is a BackTLSCAFile that cannot be used
     return config, router
 
 

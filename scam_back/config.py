@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 DEFAULT_CONFIG_PATH = "/etc/mail/scam.conf"
@@ -31,12 +31,12 @@ class HostSpec:
     host: str
     port: int = 25
     mx: bool = False
-    protocol: str = ""          # "lmtp" from a table's lmtp: route; "" means BackProtocol
+    protocol: str = ""          # "lmtp" (an lmtp: route, or BackProtocol: lmtp), else SMTP
 
     def __str__(self) -> str:
         shown = f"[{self.host}]" if ":" in self.host else self.host
         text = f"{shown}:{self.port}" if not self.mx else f"MX({self.host}):{self.port}"
-        return f"{self.protocol}:{text}" if self.protocol else text
+        return f"lmtp:{text}" if self.protocol == "lmtp" else text
 
 
 @dataclass(frozen=True)
@@ -519,18 +519,26 @@ def parse_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
     if "cache_password_file" in values and "shared_cache" not in values:
         warnings.append(f"{path}:{seen['cache_password_file']}: BackCachePasswordFile is used only "
                         "with BackCache: redis://...")
-    if "tls_ca_file" in values and values.get("tls", "no") == "no":
+    if "tls_ca_file" in values and values.get("tls", "no") != "verify":
         warnings.append(f"{path}:{seen['tls_ca_file']}: BackTLSCAFile is used only with "
-                        "BackTLS: may or verify")
+                        "BackTLS: verify (may checks no certificate)")
     if "helo_name" not in values:
         values["helo_name"] = default_helo_name()
         if "." not in str(values["helo_name"]):
             warnings.append(f"{path}: HeloName: this host's name {values['helo_name']!r} is not fully "
                             "qualified; backends that check the probe sender may refuse it "
                             "(set HeloName: to this host's public name)")
-    return Config(path=path, domains=tuple(servers.domains), all_domains_hosts=all_domains_hosts,
+    domains = tuple(servers.domains)
+    if values.get("protocol") == "lmtp":       # BackProtocol is for BackSMTPServer hosts only
+        domains = tuple(replace(d, hosts=_lmtp(d.hosts)) for d in domains)
+        all_domains_hosts = _lmtp(all_domains_hosts)
+    return Config(path=path, domains=domains, all_domains_hosts=all_domains_hosts,
                   smtp_port=servers.port, warnings=tuple(warnings), key_lines=dict(seen),
                   **values)  # type: ignore[arg-type]
+
+
+def _lmtp(hosts: tuple[HostSpec, ...]) -> tuple[HostSpec, ...]:
+    return tuple(replace(h, protocol="lmtp") for h in hosts)
 
 
 def load(path: str = DEFAULT_CONFIG_PATH) -> Config:

@@ -27,7 +27,7 @@ from . import control
 from . import log as logmod
 from . import sharedcache
 from .admin import Admin
-from .backend import tls_context_for
+from .backend import tls_contexts_for
 from .config import Config, ConfigError
 from .milter import ScamBackMilter
 from .pool import SessionPool
@@ -332,7 +332,7 @@ def serve(options: Options, config: Config, router: Router) -> int:
                     "senders get no bounce for them")
     try:
         password = sharedcache.read_password(config)    # often readable by root only
-        tls = tls_context_for(config)                   # BackTLSCAFile too
+        tls = tls_contexts_for(config)                   # BackTLSCAFile too
     except ConfigError as exc:
         raise StartupError(str(exc), EX_CONFIG) from None
     make_run_dir(options.pid_file, uid, gid)
@@ -382,7 +382,7 @@ def serve(options: Options, config: Config, router: Router) -> int:
         shared = sharedcache.SharedCache(config.shared_cache, config.cache_timeout, stats, password,
                                          config.shared_cache_shown)
     verifier = Verifier(config, router, cache, pool=pool, stats=stats, shared=shared,
-                        secret=catchall.load_secret(cache_path), tls_context=tls)
+                        secret=catchall.load_secret(cache_path), tls_contexts=tls)
     reloader = Reloader(config, verifier, start_dir)
     admin = Admin(verifier, shared, reloader.reload)
     keeper = Housekeeper(cache, cache_path, config.save_interval, pool, reloader, admin,

@@ -13,8 +13,9 @@ LMTP_PORT = 24              # an lmtp: route without a port (LMTP has no standar
 
 
 def _as_lmtp(hosts: tuple[HostSpec, ...]) -> tuple[HostSpec, ...]:
-    """An lmtp: route's hosts: spoken to with LHLO."""
-    return tuple(replace(h, protocol="lmtp") for h in hosts)
+    """An lmtp: route's hosts: spoken to with LHLO, used as named, never looked up by MX (as
+    Postfix's lmtp(8) does)."""
+    return tuple(replace(h, protocol="lmtp", mx=False) for h in hosts)
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,9 @@ def parse_text(text: str, path: str, default_port: int = 25) -> tuple[list[Table
             warnings.append(f'{path}:{lineno}: {key}: "{hosts}" uses a macro, not verified')
             continue
         try:
-            if mailer == "lmtp":
-                routes.append(TableRoute(key, _as_lmtp(parse_hosts(hosts, LMTP_PORT)), lineno))
-            else:
-                routes.append(TableRoute(key, parse_hosts(hosts, default_port), lineno))
+            lmtp = mailer == "lmtp"
+            parsed = parse_hosts(hosts, LMTP_PORT if lmtp else default_port)
+            routes.append(TableRoute(key, _as_lmtp(parsed) if lmtp else parsed, lineno))
         except ValueError as exc:
             warnings.append(f"{path}:{lineno}: {key}: {exc}, line skipped")
     return routes, warnings
@@ -174,14 +174,13 @@ def parse_transport(text: str, path: str, default_port: int = 25) -> tuple[list[
             nexthop = nexthop[5:]
         if transport not in POSTFIX_SMTP_TRANSPORTS or (transport == "lmtp" and
                                                          (not nexthop or nexthop.startswith("unix:"))):
-            warnings.append(f'{path}:{lineno}: {key}: "{value}" is not an SMTP or LMTP route over '
-                            "TCP (smtp:, relay:, lmtp:[host]:port), not verified")
+            warnings.append(f'{path}:{lineno}: {key}: "{value}" is not an SMTP route '
+                            "(smtp:, relay:, or lmtp: over TCP), not verified")
             continue
         try:
-            if transport == "lmtp":
-                routes.append(TableRoute(key, _as_lmtp(parse_nexthops(nexthop, LMTP_PORT)), lineno))
-            else:
-                routes.append(TableRoute(key, parse_nexthops(nexthop, default_port), lineno))
+            lmtp = transport == "lmtp"
+            parsed = parse_nexthops(nexthop, LMTP_PORT if lmtp else default_port)
+            routes.append(TableRoute(key, _as_lmtp(parsed) if lmtp else parsed, lineno))
         except ValueError as exc:
             warnings.append(f"{path}:{lineno}: {key}: {exc}, line skipped")
     return routes, warnings

@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from .backend import BackendSession
+from .backend import BackendSession, PoolKey
 
 
 class SessionPool:
@@ -21,13 +21,13 @@ class SessionPool:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.idle_timeout, self.max_idle = idle_timeout, max_idle_per_backend
         self.clock = clock
-        self._idle: dict[tuple[str, int], list[tuple[float, BackendSession]]] = {}
+        self._idle: dict[PoolKey, list[tuple[float, BackendSession]]] = {}
         self._lock = threading.Lock()
 
-    def take(self, host: str, port: int) -> Optional[BackendSession]:
-        """The most recently used idle session to this address, or None."""
+    def take(self, key: PoolKey) -> Optional[BackendSession]:
+        """The most recently used idle session of this kind (BackendSession.pool_key), or None."""
         with self._lock:
-            idle = self._idle.get((host, port))
+            idle = self._idle.get(key)
             while idle:
                 _, session = idle.pop()
                 if session.is_open:
@@ -40,7 +40,7 @@ class SessionPool:
             return
         session.reset()
         with self._lock:
-            idle = self._idle.setdefault((session.host, session.port), [])
+            idle = self._idle.setdefault(session.pool_key, [])
             if len(idle) < self.max_idle:
                 idle.append((self.clock(), session))
                 return
@@ -66,9 +66,9 @@ class SessionPool:
         _close_all(sessions)
 
     def idle_at(self, host: str, port: int) -> int:
-        """Idle sessions to one backend address."""
+        """Idle sessions to one backend address, of any kind."""
         with self._lock:
-            return len(self._idle.get((host, port), ()))
+            return sum(len(idle) for key, idle in self._idle.items() if key[:2] == (host, port))
 
     def idle_count(self) -> int:
         with self._lock:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import secrets
-import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -14,7 +13,7 @@ from typing import Callable, NamedTuple, Optional, TypeVar
 
 from . import address as addr
 from . import log as logmod
-from .backend import BackendError, BackendSession, SessionSettings, tls_context_for
+from .backend import BackendError, BackendSession, SessionSettings, TLSContexts, tls_contexts_for
 from .cache import DUE, VerdictCache
 from .catchall import AcceptAllCheck
 from .health import Backoff
@@ -99,10 +98,10 @@ class Verifier:
                  clock: Callable[[], float] = time.monotonic,
                  pool: Optional[SessionPool] = None, stats: Optional[Stats] = None,
                  shared: Optional[SharedCache] = None, secret: Optional[bytes] = None,
-                 tls_context: Optional[ssl.SSLContext] = None) -> None:
+                 tls_contexts: Optional[TLSContexts] = None) -> None:
         self.cache, self.clock, self.shared = cache, clock, shared
         self.stats = stats or Stats()
-        self.tls_context = tls_context or tls_context_for(config)   # BackTLS: read once
+        self.tls_contexts = tls_contexts or tls_contexts_for(config)   # BackTLS: read once
         self.catchall = AcceptAllCheck(secret or secrets.token_bytes(32), config.catchall_check)
         self.refresher = Refresher(self.refresh)
         self.pool = pool or SessionPool(config.idle_timeout, config.max_probes)
@@ -124,7 +123,7 @@ class Verifier:
                                              lifetime=min(3.0, config.verify_timeout))
         self.settings = SessionSettings(config.helo_name, config.probe_sender, config.ehlo,
                                         config.timeout_connect, config.timeout_reply, config.tls,
-                                        self.tls_context, config.protocol == "lmtp")
+                                        self.tls_contexts)
         self.catchall.interval = config.catchall_check
         self.backoff.seconds, self.backoff.failures = config.backoff, max(1, config.backoff_failures)
         self.gate = ProbeGate(config.max_probes)
@@ -381,7 +380,8 @@ class Verifier:
         for spec in hosts:
             for host, port in self.resolver.addresses(spec, deadline):
                 key = (host, port)
-                session = self.pool.take(host, port)
+                lmtp, tls_name = spec.protocol == "lmtp", None if spec.mx else spec.host
+                session = self.pool.take((host, port, lmtp, tls_name))
                 if session is not None:
                     try:
                         return self._ask_and_return(session, address, deadline)
@@ -393,9 +393,7 @@ class Verifier:
                             continue        # a stalled backend: fail over to the next one
                         # A pooled session the backend has since closed or spoilt (421 on RSET,
                         # say) is retried once on a fresh one.
-                session = BackendSession(host, port, self.settings,
-                                         lmtp=True if spec.protocol == "lmtp" else None,
-                                         tls_name=None if spec.mx else spec.host)
+                session = BackendSession(host, port, self.settings, lmtp, tls_name)
                 label = session.label
                 if self.backoff.blocked(key):
                     errors.append(f"{label} in backoff")

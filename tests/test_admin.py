@@ -42,7 +42,7 @@ CTL = str(Path(sys.executable).with_name("scam-back-ctl"))
 CTL_TIMEOUT = 30.0
 VALID_TTL, INVALID_TTL = 1000, 500
 BASE = ("TimeoutSMTPConnect: 1\nTimeoutSMTPReply: 1\nBackSkipLoopback: no\n"
-        "HeloName: mx.test.example\n"
+        "HeloName: mx.test.example\nBackCatchAllCheck: 0\n"
         f"BackValidAddrExp: {VALID_TTL}\nBackInvalidAddrExp: {INVALID_TTL}\n")
 USERS = {"chk-good@example.net", "live@example.net", "fa@example.net", "fc@other.test",
          "dump-good@example.net", "s-good@example.net", "m-good@example.net",

@@ -207,7 +207,7 @@ def test_crlf_in_address_never_reaches_the_backend(backend):
 def test_idle_session_closed_by_backend_is_reopened(backend):
     verifier = make_verifier(backend_conf(backend))
     verify(verifier, "good@example.net")
-    session = verifier.pool.take("127.0.0.1", backend.port)
+    session = verifier.pool.take(("127.0.0.1", backend.port, False, "127.0.0.1"))
     session._smtp.sock.close()          # simulate the backend dropping an idle pooled session
     verifier.pool.give(session)
     assert verify(verifier, "bad@example.net").kind is Kind.INVALID
@@ -278,7 +278,7 @@ def test_backend_socket_above_fd_1024_works(backend):
             fillers.append(os.open(os.devnull, os.O_RDONLY))
         verifier = make_verifier(backend_conf(backend))
         assert verify(verifier, "bad@example.net").kind is Kind.INVALID
-        session = verifier.pool.take("127.0.0.1", backend.port)
+        session = verifier.pool.take(("127.0.0.1", backend.port, False, "127.0.0.1"))
         fileno = session._smtp.sock.fileno()
         session.close()
         # Another thread may have freed a low fd meanwhile; the verdict above is what matters,
