@@ -168,13 +168,14 @@ class Admin:
         log.info("admin: flushed %s: %d local entries", shown, count)
         if self.shared is not None:
             try:
-                shared = self.shared.flush(what, value)
+                shared, listening = self.shared.flush(what, value)
             except (redis.RedisError, OSError) as exc:
                 log.warning("admin: flush %s did not reach the shared cache: %s", shown, exc)
                 raise AdminError(f"flushed {count} local entries, but the shared cache "
                                  f"{self.shared.url_shown} is unreachable ({exc}): other daemons "
                                  "keep theirs; flush again when Redis is back") from None
-            lines.append(f"flushed {shown}: {shared} shared entries; every daemon told")
+            lines.append(f"flushed {shown}: {shared} shared entries; {listening} daemons listening "
+                         "were told (this one included)")
         return lines
 
     # ---- dump and stats ----
@@ -197,7 +198,8 @@ class Admin:
         snap["cache_entries"] = {"valid": valid, "invalid": invalid}
         snap["backends"] = verifier.backoff.states()
         snap["shared_cache"] = (None if self.shared is None else
-                                {"url": self.shared.url_shown, "up": self.shared.up})
+                                {"url": self.shared.url_shown, "up": self.shared.up,
+                                 "listening": self.shared.listening})
         snap["dry_run"] = verifier.config.dry_run
         snap["accept_all"] = verifier.catchall.states()
         return snap
@@ -209,7 +211,9 @@ class Admin:
         lines.extend(f"backend {name}: {state}" for name, state in snap["backends"].items())
         if snap["shared_cache"] is not None:
             lines.append(f"shared cache {snap['shared_cache']['url']}: "
-                         f"{'up' if snap['shared_cache']['up'] else 'DOWN'}")
+                         f"{'up' if snap['shared_cache']['up'] else 'DOWN'}, "
+                         f"{'listening' if snap['shared_cache']['listening'] else 'NOT listening'}"
+                         " for other daemons' flushes")
         lines.extend(f"accept-all {name}: {state}" for name, state in snap["accept_all"].items())
         lines.append(f"dry run: {'yes' if snap['dry_run'] else 'no'}")
         return lines

@@ -13,8 +13,6 @@ import os
 import pwd
 import resource
 import signal
-import threading
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,10 +29,11 @@ from .backend import tls_contexts_for
 from .config import Config, ConfigError
 from .milter import ScamBackMilter
 from .pool import SessionPool
+from .housekeeping import Housekeeper
 from .reload import Reloader
 from .routing import Router
 from .stats import Stats
-from .threads import STOP_SIGNALS, start_quiet_thread
+from .threads import STOP_SIGNALS
 from .verifier import Verifier
 
 log = logging.getLogger("scam-back")
@@ -213,53 +212,6 @@ def open_socket(spec: str, timeout: int) -> None:
         libmilter.opensocket(True)
     except libmilter.error as exc:
         raise StartupError(f"cannot open milter socket {spec}: {exc}", EX_OSERR) from None
-
-
-class Housekeeper:
-    """Saves the cache every BackListSaveInterval seconds, closes idle backend sessions, notices
-    changed config files and logs the statistics every StatsInterval, in a thread started with
-    the stop signals blocked (libmilter's own thread must get them)."""
-
-    REAP_EVERY = 2.0
-    RELOAD_CHECK_EVERY = 3.0
-
-    def __init__(self, cache: cachemod.VerdictCache, path: Optional[str], interval: int,
-                 pool: Optional[SessionPool] = None, reloader: Optional[Reloader] = None,
-                 admin: Optional[Admin] = None, stats_interval: int = 0) -> None:
-        self.cache, self.path, self.interval, self.pool = cache, path, interval, pool
-        self.reloader, self.admin, self.stats_interval = reloader, admin, stats_interval
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def start(self) -> None:
-        self._thread = start_quiet_thread(self._run, "housekeeper")
-
-    def _run(self) -> None:
-        saving = bool(self.path) and self.interval > 0
-        start = time.monotonic()
-        next_save = start + self.interval if saving else float("inf")
-        next_reap = start + self.REAP_EVERY
-        logging_stats = self.admin is not None and self.stats_interval > 0
-        next_stats = start + self.stats_interval if logging_stats else float("inf")
-        while not self._stop.wait(max(0.01, min(next_save, next_reap, next_stats) - time.monotonic())):
-            now = time.monotonic()
-            if now >= next_reap:
-                if self.pool is not None:
-                    self.pool.reap()
-                if self.reloader is not None:
-                    self.reloader.check()
-                next_reap = now + min(self.REAP_EVERY, self.RELOAD_CHECK_EVERY)
-            if now >= next_stats and self.admin is not None:
-                self.admin.log_summary()
-                next_stats = now + self.stats_interval
-            if now >= next_save:
-                cachemod.save_file(self.cache, self.path)
-                next_save = time.monotonic() + self.interval
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
 
 
 def warm_imports() -> None:

@@ -1,5 +1,6 @@
-"""Refresher: re-probe valid entries near the end of their TTL in the background, after the
-client has its answer, so an address in use never drops out of the cache."""
+"""Refresher: probes that run in the background, after the client has its answer: refreshes of
+valid entries near the end of their TTL (so an address in use never drops out of the cache),
+and accept-all checks."""
 
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ WORKERS = 2                 # refreshes in flight (each also takes a BackMaxProb
 
 
 class Refresher:
-    """A bounded queue of addresses to re-probe, each at most once at a time, and its workers."""
+    """A bounded queue of background probes, each key at most once at a time, and its workers."""
 
     def __init__(self, refresh: Callable[[str], None], workers: int = WORKERS,
                  max_pending: int = MAX_PENDING) -> None:
         self._refresh, self.workers, self.max_pending = refresh, workers, max_pending
-        self._queue: "collections.deque[str]" = collections.deque()
+        self._queue: "collections.deque[tuple[str, Callable[[], None]]]" = collections.deque()
         self._pending: set[str] = set()
         self._cond = threading.Condition()
         self._busy = 0
@@ -31,11 +32,15 @@ class Refresher:
 
     def due(self, raw: str) -> bool:
         """Ask for a refresh of an RCPT address; False if it is already queued or the queue is full."""
+        return self.submit(raw, lambda: self._refresh(raw))
+
+    def submit(self, key: str, job: Callable[[], None]) -> bool:
+        """Run job in the background unless one with this key is queued or running."""
         with self._cond:
-            if raw in self._pending or len(self._pending) >= self.max_pending or self._stopped:
+            if key in self._pending or len(self._pending) >= self.max_pending or self._stopped:
                 return False
-            self._pending.add(raw)
-            self._queue.append(raw)
+            self._pending.add(key)
+            self._queue.append((key, job))
             if not self._started:
                 self._started = True
                 for number in range(self.workers):
@@ -50,16 +55,16 @@ class Refresher:
                     self._cond.wait()
                 if self._stopped:
                     return
-                raw = self._queue.popleft()
+                key, job = self._queue.popleft()
                 self._busy += 1
             try:
-                self._refresh(raw)
+                job()
             except Exception:
-                log.exception("internal error refreshing <%s>; the cached entry is kept", raw)
+                log.exception("internal error in background probe %s; cached entries are kept", key)
             finally:
                 with self._cond:
                     self._busy -= 1
-                    self._pending.discard(raw)
+                    self._pending.discard(key)
                     self._cond.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:

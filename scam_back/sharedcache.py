@@ -30,6 +30,7 @@ PREFIX = "scam-back:v1:"            # namespaced and versioned: a new format get
 ADDRESS_PREFIX = PREFIX + "addr:"
 FLUSH_CHANNEL = PREFIX + "flush"
 PAUSE_FIRST, PAUSE_MAX = 2.0, 30.0  # seconds Redis is left alone after a failure, doubling
+SUBSCRIBE_RETRY = 1.0     # the flush listener reconnects this often: flushes must reach it soon
 SCAN_BATCH = 1000
 
 # What a flush message asks every daemon to drop locally: (what, value).
@@ -79,6 +80,7 @@ class SharedCache:
         self._pause = PAUSE_FIRST
         self._stop = threading.Event()
         self._pubsub: Optional[redis.client.PubSub] = None
+        self.listening = False          # subscribed to other daemons' flushes right now
 
     # ---- health ----
 
@@ -171,8 +173,9 @@ class SharedCache:
         if batch:
             yield batch
 
-    def flush(self, what: str, value: str = "") -> int:
-        """Delete shared entries (what: address, domain, invalid, all) and tell every daemon.
+    def flush(self, what: str, value: str = "") -> tuple[int, int]:
+        """Delete shared entries (what: address, domain, invalid, all) and tell every daemon;
+        returns (entries deleted, daemons listening, this one included).
 
         Raises redis.RedisError (or OSError) when Redis cannot be reached: an admin must know a
         flush did not reach the other daemons.
@@ -191,30 +194,31 @@ class SharedCache:
                         keys = [k for k, v in zip(keys, values) if v == b"1"]
                     if keys:
                         deleted += int(self.client.delete(*keys))
-        self.client.publish(FLUSH_CHANNEL, json.dumps({"what": what, "value": value,
-                                                       "origin": self.origin}))
+        listeners = self.client.publish(FLUSH_CHANNEL, json.dumps(
+            {"what": what, "value": value, "origin": self.origin}))
         self._worked()
-        return deleted
+        return deleted, int(listeners or 0)
 
     def listen(self, on_flush: FlushHandler) -> None:
         """Start the thread that applies other daemons' flushes to the local cache."""
         start_quiet_thread(lambda: self._listen(on_flush), "shared-cache-flushes")
 
     def _listen(self, on_flush: FlushHandler) -> None:
-        pause = PAUSE_FIRST
+        # One connection attempt a second while Redis is away costs nothing, and a flush given
+        # after Redis is back must reach this daemon at once, not after a long pause.
         while not self._stop.is_set():
             try:
                 pubsub = self._pubsub = self._sub_client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(FLUSH_CHANNEL)
-                pause = PAUSE_FIRST
+                self.listening = True
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self._apply(message.get("data"), on_flush)
             except (redis.RedisError, OSError, ValueError):
-                # The outage itself is logged by the verdict calls; just try again later.
-                self._stop.wait(pause)
-                pause = min(PAUSE_MAX, pause * 2)
+                # The outage itself is logged by the verdict calls; just try again soon.
+                self.listening = False
+                self._stop.wait(SUBSCRIBE_RETRY)
             finally:
                 self._close_pubsub()
 

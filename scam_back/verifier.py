@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import secrets
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import replace
@@ -13,19 +12,20 @@ from typing import Callable, NamedTuple, Optional, TypeVar
 
 from . import address as addr
 from . import log as logmod
-from .backend import BackendError, BackendSession, SessionSettings, TLSContexts, tls_contexts_for
+from .backend import SessionSettings, TLSContexts, tls_contexts_for
 from .cache import DUE, VerdictCache
 from .catchall import AcceptAllCheck
 from .health import Backoff
 from .pool import SessionPool
 from .probes import ProbeGate
+from .prober import Prober
 from .refresh import Refresher
 from .config import Config, HostSpec
 from .resolve import Resolver
 from .routing import Route, Router
 from .sharedcache import SharedCache
 from .stats import Stats
-from .verdict import Kind, Verdict, classify
+from .verdict import Kind, Verdict
 
 log = logging.getLogger("scam-back")
 T = TypeVar("T")
@@ -124,6 +124,7 @@ class Verifier:
         self.settings = SessionSettings(config.helo_name, config.probe_sender, config.ehlo,
                                         config.timeout_connect, config.timeout_reply, config.tls,
                                         self.tls_contexts)
+        self.prober = Prober(self.settings, self.pool, self.resolver, self.backoff, self.stats)
         self.catchall.interval = config.catchall_check
         self.backoff.seconds, self.backoff.failures = config.backoff, max(1, config.backoff_failures)
         self.gate = ProbeGate(config.max_probes)
@@ -263,7 +264,8 @@ class Verifier:
             shared = self.shared.get(address.text.lower())
             if shared is not None:
                 valid, ttl = shared
-                self.cache.put(address.text, valid, ttl)
+                if not (valid and self.catchall.accepts_all(address.domain, route.label)):
+                    self.cache.put(address.text, valid, ttl)
                 return Verdict(Kind.VALID if valid else Kind.INVALID, "shared-cache", route.label,
                                "cached")
         deadline = start + self.config.verify_timeout
@@ -283,15 +285,18 @@ class Verifier:
                          was_valid: bool = False) -> Verdict:
         """Probe, and cache a real verdict before anyone waiting on this probe is told.
 
-        Checks first, when due, whether the backend accepts every address of the domain (then
-        no positive is cached). A 5xx for an address that was valid is believed only when a
-        second probe says it again: one glitch must not reject a real user for an hour.
+        Starts, when due, a background check whether the backend accepts every address of the
+        domain (then no positive is cached). A 5xx for an address that was valid is believed
+        only when a second probe says it again: one glitch must not reject a user for an hour.
         """
         hosts = backend_hosts(route, domain)
-        self._check_accept_all(hosts, domain, route.label, deadline)
-        verdict = self._probe(hosts, address, deadline)
+        check = self.catchall.due(domain, route.label)
+        if check is not None:
+            self.refresher.submit(f"accept-all {domain} {route.label}", lambda: self._check_accept_all(
+                hosts, domain, route.label, check))
+        verdict = self.prober.probe(hosts, address, deadline)
         if verdict.kind is Kind.INVALID and was_valid:
-            second = self._probe(hosts, address, deadline)
+            second = self.prober.probe(hosts, address, deadline)
             self.stats.count("recheck", "confirmed" if second.kind is Kind.INVALID else
                              second.kind.value)
             log.info("rcpt=<%s> was valid; the backend said \"%s\", asked again: %s", address,
@@ -304,12 +309,10 @@ class Verifier:
         return verdict
 
     def _check_accept_all(self, hosts: tuple[HostSpec, ...], domain: str, label: str,
-                          deadline: float) -> None:
-        """Probe an address that cannot exist, if this domain's check at this backend is due."""
-        probe = self.catchall.due(domain, label)
-        if probe is None:
-            return
-        verdict = self._probe(hosts, probe, deadline)
+                          probe: str) -> None:
+        """Probe an address that cannot exist (in the background); flag the backend if it is
+        accepted, and drop the positives cached for the domain meanwhile."""
+        verdict = self.prober.probe(hosts, probe, time.monotonic() + self.config.verify_timeout)
         self.stats.count("accept-all-checks", verdict.kind.value)
         if self.catchall.found(domain, label, probe, verdict):
             dropped = self.cache.drop_where(invalid=False, domain=domain)
@@ -350,80 +353,6 @@ class Verifier:
         if route is None:
             return Verdict(Kind.SKIPPED, "rule", reply="domain not routed")
         start = time.monotonic()
-        verdict = self._probe(backend_hosts(route, parsed.domain), parsed.text,
+        verdict = self.prober.probe(backend_hosts(route, parsed.domain), parsed.text,
                               start + self.config.verify_timeout)
         return verdict._replace(ms=int((time.monotonic() - start) * 1000))
-
-    def _ask(self, session: BackendSession, address: str, deadline: float) -> Verdict:
-        started = time.monotonic()
-        code, text = session.rcpt(address, deadline)
-        self.stats.count("probes", session.label)
-        self.stats.latency(session.label, round((time.monotonic() - started) * 1000, 1))
-        first = text.splitlines()[0] if text else ""
-        kind = classify(code, text, self.settings.mail_from)
-        return Verdict(kind, "backend", session.label, f"{code} {first}"[:200],
-                       why=f"backend said {code}" if kind is Kind.TROUBLE else "")
-
-    def _probe(self, hosts: tuple[HostSpec, ...], address: str, deadline: float) -> Verdict:
-        """Ask the backend, reusing a pooled session where there is one, failing over in order."""
-        errors: list[str] = []
-        why = ""
-        label = ",".join(str(spec) for spec in hosts)
-
-        def failed(where: str, exc: BackendError) -> Verdict:
-            nonlocal why
-            errors.append(f"{where} {exc}")
-            why = exc.kind
-            self.stats.count("backend-errors", f"{where} {exc.kind}")
-            return Verdict(Kind.TROUBLE, "backend", where, "; ".join(errors)[:300], why=why)
-
-        for spec in hosts:
-            for host, port in self.resolver.addresses(spec, deadline):
-                key = (host, port)
-                lmtp, tls_name = spec.protocol == "lmtp", None if spec.mx else spec.host
-                session = self.pool.take((host, port, lmtp, tls_name))
-                if session is not None:
-                    try:
-                        return self._ask_and_return(session, address, deadline)
-                    except BackendError as exc:
-                        trouble = failed(session.label, exc)
-                        if time.monotonic() >= deadline:
-                            return trouble
-                        if exc.kind == "timeout":
-                            continue        # a stalled backend: fail over to the next one
-                        # A pooled session the backend has since closed or spoilt (421 on RSET,
-                        # say) is retried once on a fresh one.
-                session = BackendSession(host, port, self.settings, lmtp, tls_name)
-                label = session.label
-                if self.backoff.blocked(key):
-                    errors.append(f"{label} in backoff")
-                    why = why or "backoff"
-                    continue
-                try:
-                    session.open(deadline)
-                except BackendError as exc:
-                    trouble = failed(label, exc)
-                    if exc.kind in ("connect", "banner"):
-                        # Refused, or accepting and never greeting: either way, skip it a while.
-                        self.backoff.failed(key, label, exc.detail)
-                    if time.monotonic() >= deadline:
-                        return trouble
-                    continue
-                self.backoff.succeeded(key, label)
-                try:
-                    return self._ask_and_return(session, address, deadline)
-                except BackendError as exc:
-                    failed(label, exc)
-                    if time.monotonic() >= deadline:
-                        break
-        if not errors:
-            errors.append(f"no address found for {label}")
-            why = "no address"
-        return Verdict(Kind.TROUBLE, "backend", label, "; ".join(errors)[:300], why=why)
-
-    def _ask_and_return(self, session: BackendSession, address: str, deadline: float) -> Verdict:
-        """One RCPT on a session, which goes back to the pool after (if it is still usable)."""
-        try:
-            return self._ask(session, address, deadline)
-        finally:
-            self.pool.give(session)

@@ -11,8 +11,6 @@ import sysconfig
 import venv
 from pathlib import Path
 
-import pytest
-
 from scam_back import cli
 from scam_back.config import KEYS
 

@@ -12,7 +12,6 @@ from scam_back.reload import Reloader, ReloadError
 from scam_back.verdict import Kind
 from scam_back.verifier import Verifier
 
-from .smtpbackend import Backend
 
 
 def write(path, text: str) -> None:
