@@ -24,14 +24,13 @@ import asyncio
 import multiprocessing
 import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections import Counter
 from typing import Any
 
-from common import (print_notes, run_main, CORES, BenchDaemon, LoadSpec, cpu_seconds, daemon_conf, fmt, machine_line,
+from common import (print_notes, run_main, CORES, BenchDaemon, LoadSpec, daemon_conf, fmt, machine_line,
                     percentile, run_load, say, stop_pid, table, CLIENT_HOST, DAEMON_NAME)
 from tests.milterclient import MilterClient
 from tests.postfix import free_ports, listening_ports
@@ -271,7 +270,6 @@ def main(argv: list[str]) -> int:
         for index, (name, tx_per_conn, domain) in enumerate(cases):
             say(f"uncached load: {name}")
             conn0, verbs0, _ = backend.stats()
-            backend_cpu0 = cpu_seconds(backend.pid)
             spec = LoadSpec(daemon.address, args.conns, args.seconds, ("unique", f"r{index}", domain),
                             rcpts=args.rcpts, tx_per_conn=tx_per_conn, procs=args.procs, timeout=30)
             result = run_load(spec, watch={"milter": daemon.pid, "backend": backend.pid,

@@ -25,7 +25,6 @@ import random
 import shutil
 import signal
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -267,7 +266,7 @@ def main(argv: list[str]) -> int:
                                        f"{res['saves']} ({fmt(res['save_mean'])} s each)"
                                        if res["saves"] else "0"])
                 base = run["load"]
-                stall_rows.append([f"daemon, BackListSaveInterval: 0", f"{size:,}",
+                stall_rows.append(["daemon, BackListSaveInterval: 0", f"{size:,}",
                                    f"{args.stall_conns} connections", f"{base.rate:,.0f}",
                                    fmt(base.pct_ms(99)), fmt(base.pct_ms(99.9)), fmt(base.max_ms, 1),
                                    str(run["saves"])])
@@ -280,7 +279,7 @@ def main(argv: list[str]) -> int:
     say(f"daemon with {largest:,} entries and BackListSaveInterval: 1 under load")
     run = daemon_size_run(largest, port, args.stall_seconds, args.stall_conns, save_interval=1)
     res = run["load"]
-    stall_rows.append([f"daemon, BackListSaveInterval: 1", f"{largest:,}",
+    stall_rows.append(["daemon, BackListSaveInterval: 1", f"{largest:,}",
                        f"{args.stall_conns} connections", f"{res.rate:,.0f}", fmt(res.pct_ms(99)),
                        fmt(res.pct_ms(99.9)), fmt(res.max_ms, 1), str(run["saves"])])
     for error in res.errors[:3]:

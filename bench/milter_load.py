@@ -15,8 +15,6 @@ the machine with the milter, so the ratios are the meaningful numbers.
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 
 from common import (print_notes, run_main, CORES, AcceptAllBackend, BenchDaemon, LoadSpec, NullMilterProcess,
                     cache_max_for, daemon_conf, fmt, machine_line, protocol_text, ratio, run_load,

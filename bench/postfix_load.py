@@ -19,9 +19,7 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 from common import (print_notes, run_main, CORES, BenchDaemon, NullMilterProcess, cache_max_for, cpu_seconds,
                     daemon_conf, fmt, machine_line, ratio, say, stop_pid, system_cpu, table)
