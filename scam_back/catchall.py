@@ -94,6 +94,13 @@ class AcceptAllCheck:
             self._states[key] = _State(now)
         return self.probe_address(domain)
 
+    def cancel(self, domain: str, backend: str) -> None:
+        """Forget a check that could not be started, so the next probe tries again."""
+        with self._lock:
+            state = self._states.get((domain, backend))
+            if state is not None and not state.done.is_set():
+                del self._states[(domain, backend)]
+
     def found(self, domain: str, backend: str, address: str, verdict: Verdict) -> bool:
         """Record a check's outcome; True if the backend accepts all (logged once per check)."""
         state = self._states.get((domain, backend))

@@ -291,9 +291,10 @@ class Verifier:
         """
         hosts = backend_hosts(route, domain)
         check = self.catchall.due(domain, route.label)
-        if check is not None:
-            self.refresher.submit(f"accept-all {domain} {route.label}", lambda: self._check_accept_all(
-                hosts, domain, route.label, check))
+        if check is not None and not self.refresher.submit(
+                f"accept-all {domain} {route.label}",
+                lambda: self._check_accept_all(hosts, domain, route.label, check)):
+            self.catchall.cancel(domain, route.label)       # busy: the next probe tries again
         verdict = self.prober.probe(hosts, address, deadline)
         if verdict.kind is Kind.INVALID and was_valid:
             second = self.prober.probe(hosts, address, deadline)

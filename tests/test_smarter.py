@@ -223,3 +223,11 @@ def test_secret_is_made_once_beside_the_cache_file_mode_0600(tmp_path):
     assert catchall.load_secret(cache_file) == first and len(first) == 32
     path.write_text("garbage\n")
     assert catchall.load_secret(cache_file) != first
+
+
+def test_a_check_that_could_not_start_is_tried_at_the_next_probe():
+    check = catchall.AcceptAllCheck(b"k" * 32, 600, clock=lambda: 0.0)
+    assert check.due("example.net", "b:25") is not None
+    assert check.due("example.net", "b:25") is None          # begun: nobody else probes
+    check.cancel("example.net", "b:25")
+    assert check.due("example.net", "b:25") is not None
