@@ -282,10 +282,15 @@ def parse_dns_server(text: str) -> tuple[str, int]:
         host, port = text.split(":")
     else:
         host, port = text, "53"
+    return _address_and_port(host, port, f'not an IP address (with an optional :port): "{text}"')
+
+
+def _address_and_port(host: str, port: str, why: str) -> tuple[str, int]:
+    """An IP address in its usual form and a port; ValueError(why) if host is no address."""
     try:
         address = str(ipaddress.ip_address(host))
     except ValueError:
-        raise ValueError(f'not an IP address (with an optional :port): "{text}"') from None
+        raise ValueError(why) from None
     return address, parse_port(port)
 
 
@@ -307,11 +312,7 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise ValueError(f'not ADDRESS:PORT (127.0.0.1:9108, [::1]:9108): "{text}"')
     host, port = (match.group(1), match.group(2)) if match.group(1) else (match.group(3),
                                                                              match.group(4))
-    try:
-        address = str(ipaddress.ip_address(host))
-    except ValueError:
-        raise ValueError(f'not an IP address: "{host}" (use 127.0.0.1 or ::1)') from None
-    return address, parse_port(port)
+    return _address_and_port(host, port, f'not an IP address: "{host}" (use 127.0.0.1 or ::1)')
 
 
 def parse_tls(text: str) -> str:
