@@ -213,6 +213,10 @@ class Verifier:
             return None
         hot = HotAddress(key, b"rcpt=<%s> " % raw.strip("<>").encode(), answers)
         if len(memo) >= HOT_MAX:
+            # More addresses in use than the memo holds: remembering every one would only churn
+            # it. A fixed eighth of them (by hash) takes turns; the rest are worked out each time.
+            if hash(raw) & 7:
+                return hot
             try:
                 memo.popitem(last=False)       # the oldest: no pause to clear them all
             except KeyError:

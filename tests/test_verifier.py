@@ -436,3 +436,21 @@ def test_hot_path_matches_case_insensitively_and_keeps_the_text_in_its_log_line(
     assert skipped.kind is Kind.SKIPPED and backend.connections == 0
     assert any(r.getMessage().startswith("qid=Q7 rcpt=<User@Example.NET.> ") and
                "verdict=invalid source=cache" in r.getMessage() for r in caplog.records)
+
+
+def test_more_addresses_in_use_than_the_hot_memo_holds_still_get_their_verdicts(backend, monkeypatch):
+    """Past HOT_MAX only a fixed share of addresses is remembered; every one is still answered
+    right, from the cache, and the memo stays bounded."""
+    from scam_back import verifier as verifiermod
+    monkeypatch.setattr(verifiermod, "HOT_MAX", 50)
+    cache = VerdictCache(600, 600)
+    for number in range(400):
+        cache.put(f"u{number}@example.net", number % 3 != 0)
+    verifier = make_verifier(backend_conf(backend), cache)
+    for _ in range(3):
+        for number in range(400):
+            answer = verifier.verify(f"<u{number}@example.net>")
+            assert (answer.kind, answer.source) == \
+                (Kind.VALID if number % 3 else Kind.INVALID, "cache")
+    assert 0 < len(verifier._hot) <= 50
+    assert backend.connections == 0
