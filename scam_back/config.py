@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import urllib.parse
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
@@ -296,13 +297,30 @@ def _address_and_port(host: str, port: str, why: str) -> tuple[str, int]:
 
 def parse_cache_url(text: str) -> str:
     """A Redis URL: redis://[:password@]host[:port][/db] or rediss:// for TLS."""
-    match = re.fullmatch(r"(rediss?)://(?:[^@/\s]*@)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)"
-                         r"(?::(\d{1,5}))?(?:/(\d{1,5})?)?", text)
-    if not match:
-        raise ValueError(f'not a Redis URL (redis://host:port/db or rediss://...): "{text}"')
-    if match.group(3) is not None:
-        parse_port(match.group(3))
+    shown = re.sub(r"//[^@/]*@", "//***@", text)        # never a password in a log line
+    why = f'not a Redis URL (redis://host:port/db or rediss://host:port/db): "{shown}"'
+    try:
+        parts = urllib.parse.urlsplit(text)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise ValueError(why + " (a password with [ ] # ? or / belongs in "
+                         "BackCachePasswordFile)") from None
+    if parts.scheme not in ("redis", "rediss") or not host or not HOSTNAME_RE.match(host) and \
+            not _is_ip(host):
+        raise ValueError(why)
+    if parts.query or parts.fragment or not re.fullmatch(r"/?(\d{1,5})?", parts.path):
+        raise ValueError(why + " (a password with [ ] # ? or / belongs in BackCachePasswordFile)")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(why)
     return text
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_listen(text: str) -> tuple[str, int]:

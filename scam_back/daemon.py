@@ -297,6 +297,16 @@ def serve(options: Options, config: Config, router: Router) -> int:
         raise StartupError(f"cannot write pid file {options.pid_file}: its directory is not writable "
                            "by this user (give another with -P)", EX_CANTCREAT)
     open_socket(options.socket, options.milter_timeout)
+    stats = Stats()
+    shared = None
+    if config.shared_cache:       # no connection yet: a URL redis refuses stops start-up here
+        try:
+            shared = sharedcache.SharedCache(config.shared_cache, config.cache_timeout, stats,
+                                             password, config.shared_cache_shown)
+        except ValueError:
+            raise StartupError(f"{config.where('shared_cache')}: BackCache "
+                               f"{config.shared_cache_shown}: redis cannot use this URL",
+                               EX_CONFIG) from None
     control_path = control.socket_path(config.control_socket, options.pid_file)
     controller: Optional[control.ControlServer] = None
     try:
@@ -328,11 +338,6 @@ def serve(options: Options, config: Config, router: Router) -> int:
                                   invalid_max=config.invalid_cache_max,
                                   stale_grace=config.stale_grace)
     pool = SessionPool(config.idle_timeout, config.max_probes)
-    stats = Stats()
-    shared = None
-    if config.shared_cache:
-        shared = sharedcache.SharedCache(config.shared_cache, config.cache_timeout, stats, password,
-                                         config.shared_cache_shown)
     verifier = Verifier(config, router, cache, pool=pool, stats=stats, shared=shared,
                         secret=catchall.load_secret(cache_path), tls_contexts=tls)
     reloader = Reloader(config, verifier, start_dir)

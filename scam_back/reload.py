@@ -64,7 +64,10 @@ class Reloader:
                 if getattr(config, fieldname) != getattr(self.config, fieldname):
                     lines.append(f"warning: {key} changed: it takes effect at the next restart")
             self._apply(config, router)
-            self._seen = self._signatures(config)
+            # The files as they were before this load: one still being written meanwhile is
+            # seen as changed at the next check, and read again whole.
+            self._seen = seen if routing.watched_files(config) == list(seen) else \
+                self._signatures(config)
             for line in lines:
                 log.warning("reload: %s", line.removeprefix("warning: "))
             log.info("reloaded %s (%s): %d domains routed%s", config.path, why,
