@@ -15,7 +15,7 @@ from .config import HostSpec
 from .sharedcache import SharedCache
 from .stats import report, summary_line
 from .verdict import Kind
-from .verifier import Verifier, backend_hosts
+from .verifier import Verifier, backend_hosts, checked_domain
 
 log = logging.getLogger("scam-back")
 
@@ -73,7 +73,8 @@ class Admin:
         else:
             lines.append(f"route: {route.key} -> {route.label}")
             lines.extend(self._backend_lines(backend_hosts(route, address.domain)))
-            lines.append("accept-all: " + verifier.catchall.describe(address.domain, route.label))
+            lines.append("accept-all: " + verifier.catchall.describe(
+                checked_domain(route, address.domain), route.label))
         lines.append("cache: " + self._local_line(key))
         if self.shared is not None:
             lines.append("shared cache: " + self._shared_line(key))
@@ -126,7 +127,10 @@ class Admin:
         verdict = self.verifier.probe_live(text)
         lines = [f"live: {verdict.kind.value} from {verdict.backend} in {verdict.ms} ms: "
                  f"{verdict.reply}"]
-        if verdict.kind in (Kind.VALID, Kind.INVALID):
+        if verdict.kind is Kind.VALID and update and self.verifier.accepts_all(text):
+            lines.append("cache: unchanged: this backend accepts every address of the domain, "
+                         "so its positive answers are not cached")
+        elif verdict.kind in (Kind.VALID, Kind.INVALID):
             if update:
                 self.verifier.remember_verdict(text, verdict.kind is Kind.VALID)
                 lines.append("cache: updated with the live verdict")

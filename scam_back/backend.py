@@ -130,6 +130,8 @@ class _SMTP(smtplib.SMTP):
 
 
 PoolKey = tuple[str, int, bool, Optional[str]]
+TLS_RETRY = 3600.0          # seconds a backend whose handshake failed is spoken to in the clear
+_TLS_BROKEN: dict[tuple[str, int], float] = {}   # (host, port) -> until (BackTLS: may only)
 
 
 def _format(host: str, port: int) -> str:
@@ -193,7 +195,23 @@ class BackendSession:
         return code, text
 
     def open(self, deadline: float) -> None:
-        """Connect, read the 220 banner and greet; a refused greeting is a BackendError."""
+        """Connect, read the 220 banner, greet, and STARTTLS as BackTLS says; a refused
+        greeting is a BackendError. With BackTLS: may, a backend whose TLS handshake fails is
+        spoken to in the clear (at once, and for TLS_RETRY seconds), as Postfix's "may" does."""
+        key = (self.host, self.port)
+        tls = self.settings.tls != "no" and not (
+            self.settings.tls == "may" and _TLS_BROKEN.get(key, 0.0) > time.monotonic())
+        try:
+            self._open(deadline, tls)
+        except BackendError as exc:
+            if exc.kind != "tls" or self.settings.tls != "may":
+                raise
+            _TLS_BROKEN[key] = time.monotonic() + TLS_RETRY
+            log.warning("backend %s: %s; BackTLS: may goes on in the clear for %d s", self.label,
+                        exc.detail, TLS_RETRY)
+            self._open(deadline, False)
+
+    def _open(self, deadline: float, tls: bool) -> None:
         smtp = _SMTP(local_hostname=self.settings.helo_name, timeout=None)
         smtp.command_encoding = "utf-8"
         smtp.connect_timeout = min(self.settings.timeout_connect, self._remaining(deadline))
@@ -218,7 +236,7 @@ class BackendSession:
         self._in_transaction = self._needs_reset = False
         self.encrypted = False
         code, text = self._greet(deadline)
-        if self.settings.tls != "no":
+        if tls:
             self._starttls(text, deadline)
 
     def _greet(self, deadline: float) -> tuple[int, str]:

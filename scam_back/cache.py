@@ -214,6 +214,8 @@ class VerdictCache:
     def drop_where(self, valid: bool = True, invalid: bool = True,
                    domain: Optional[str] = None) -> int:
         """Forget every entry of the chosen kinds (of one domain and its subdomains, if given)."""
+        if domain is not None and not domain.strip("."):
+            raise ValueError("drop_where: an empty domain would match every address")
         dropped = 0
         suffix_at, suffix_dot = (f"@{domain.lower()}", f".{domain.lower()}") if domain else ("", "")
         for shard in self._shards:

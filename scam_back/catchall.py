@@ -17,6 +17,7 @@ from .verdict import Kind, Verdict
 log = logging.getLogger("scam-back")
 
 SECRET_NAME = "scam-back.secret"
+MAX_STATES = 10_000         # (domain, backend) pairs remembered; the oldest check goes first
 
 
 def load_secret(cache_path: Optional[str]) -> bytes:
@@ -82,17 +83,21 @@ class AcceptAllCheck:
                             hashlib.sha256).hexdigest()[:12]
         return hmac.compare_digest(expected, parts[4])
 
-    def due(self, domain: str, backend: str) -> Optional[str]:
-        """A probe address if this caller is to check now (the check is then marked as begun)."""
+    def due(self, domain: str, backend: str, probe_domain: str = "") -> Optional[str]:
+        """A probe address (in probe_domain, else domain) if this caller is to check now; the
+        check is then marked as begun."""
         if self.interval <= 0:
             return None
         key, now = (domain, backend), self.clock()
         with self._lock:
-            state = self._states.get(key)
+            state = self._states.pop(key, None)
             if state is not None and now - state.checked < self.interval:
+                self._states[key] = state
                 return None
+            if len(self._states) >= MAX_STATES:
+                del self._states[next(iter(self._states))]
             self._states[key] = _State(now)
-        return self.probe_address(domain)
+        return self.probe_address(probe_domain or domain)
 
     def cancel(self, domain: str, backend: str) -> None:
         """Forget a check that could not be started, so the next probe tries again."""
@@ -117,6 +122,8 @@ class AcceptAllCheck:
         return accepts
 
     def accepts_all(self, domain: str, backend: str) -> bool:
+        if self.interval <= 0:
+            return False
         state = self._states.get((domain, backend))
         return state is not None and state.accepts is True
 

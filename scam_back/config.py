@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import urllib.parse
@@ -554,6 +555,19 @@ def parse_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
     return Config(path=path, domains=domains, all_domains_hosts=all_domains_hosts,
                   smtp_port=servers.port, warnings=tuple(warnings), key_lines=dict(seen),
                   **values)  # type: ignore[arg-type]
+
+
+def absolute_paths(config: Config, base_dir: str) -> Config:
+    """The config with its file paths taken from base_dir when relative (a daemon that has
+    moved to / since it started reads and compares them the same way)."""
+    def absolute(path: Optional[str]) -> Optional[str]:
+        return os.path.join(base_dir, path) if path else path
+    return replace(config, path=absolute(config.path), backlist=absolute(config.backlist),
+                   control_socket=absolute(config.control_socket),
+                   mailertable=absolute(config.mailertable),
+                   transport_map=absolute(config.transport_map),
+                   cache_password_file=absolute(config.cache_password_file),
+                   tls_ca_file=absolute(config.tls_ca_file))
 
 
 def _lmtp(hosts: tuple[HostSpec, ...]) -> tuple[HostSpec, ...]:

@@ -21,6 +21,8 @@ log = logging.getLogger("scam-back")
 
 MAX_REQUEST = 64 * 1024
 READ_TIMEOUT = 10.0
+WRITE_TIMEOUT = 30.0        # a client that stops reading a dump does not pin a thread forever
+QUIET_ERRORS = ("AdminError", "ReloadError")    # refusals with a reason, already logged
 
 Handler = Callable[[dict], Iterator[str]]
 
@@ -61,11 +63,11 @@ class _Connection(socketserver.StreamRequestHandler):
             answer = handler(request)
             first = next(answer, None)
         except Exception as exc:  # AdminError, or a fault: the admin gets the reason
-            if type(exc).__name__ != "AdminError":
+            if type(exc).__name__ not in QUIET_ERRORS:
                 log.exception("control: %s failed", request.get("command"))
             self._send([f"ERROR {exc}"])
             return
-        self.connection.settimeout(None)
+        self.connection.settimeout(WRITE_TIMEOUT)
         self._send(["OK"] + ([] if first is None else [first]), answer)
 
     def _send(self, head: list[str], rest: Iterator[str] = iter(())) -> None:
@@ -89,13 +91,15 @@ class ControlServer:
     def __init__(self, path: str, handler: Handler) -> None:
         self.path = path
         self._clear_stale(path)
+        old_umask = os.umask(0o177)         # 0600 from the start: no moment of group access
         try:
             self._server = _Server(path, _Connection)
-            os.chmod(path, 0o600)
         except OSError as exc:
             raise ControlError(f"cannot create control socket {path}: {exc.strerror} (its directory "
                                "must exist and be writable by the daemon's user; or set "
                                "ControlSocket)") from None
+        finally:
+            os.umask(old_umask)
         self._server.handle_request_fn = handler
         self._thread: Optional[threading.Thread] = None
 

@@ -24,6 +24,7 @@ usage: scam-back-ctl [-s SOCKET | -f CONFIG [-P PIDFILE]] COMMAND [ARGUMENTS]
   -s SOCKET   the daemon's control socket
   -f CONFIG   find it from this config's ControlSocket (default /etc/mail/scam.conf)
   -P PIDFILE  or beside this pid file, as the daemon's -P (default /var/spool/scam/scam-back.pid)
+  -t SECONDS  wait this long for the answer (default 60)
 """
 
 

@@ -26,6 +26,7 @@ from . import log as logmod
 from . import sharedcache
 from .admin import Admin
 from .backend import tls_contexts_for
+from . import config as configmod
 from .config import Config, ConfigError
 from .milter import ScamBackMilter
 from .pool import SessionPool
@@ -245,11 +246,7 @@ def absolute_paths(options: Options, config: Config) -> tuple[Options, Config]:
         return os.path.abspath(path) if path else path
     options = dataclasses.replace(options, pid_file=absolute(options.pid_file),
                                   cache_file=absolute(options.cache_file))
-    config = dataclasses.replace(config, path=absolute(config.path), backlist=absolute(config.backlist),
-                                 control_socket=absolute(config.control_socket),
-                                 mailertable=absolute(config.mailertable),
-                                 transport_map=absolute(config.transport_map))
-    return options, config
+    return options, configmod.absolute_paths(config, os.getcwd())
 
 
 def start_exposition(config: Config, admin: Admin):  # type: ignore[no-untyped-def]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Optional
@@ -11,6 +12,8 @@ from .admin import Admin
 from .pool import SessionPool
 from .reload import Reloader
 from .threads import start_quiet_thread
+
+log = logging.getLogger("scam-back")
 
 
 class Housekeeper:
@@ -40,19 +43,35 @@ class Housekeeper:
         logging_stats = self.admin is not None and self.stats_interval > 0
         next_stats = start + self.stats_interval if logging_stats else float("inf")
         while not self._stop.wait(max(0.01, min(next_save, next_reap, next_stats) - time.monotonic())):
-            now = time.monotonic()
-            if now >= next_reap:
-                if self.pool is not None:
-                    self.pool.reap()
-                if self.reloader is not None:
-                    self.reloader.check()
-                next_reap = now + min(self.REAP_EVERY, self.RELOAD_CHECK_EVERY)
-            if now >= next_stats and self.admin is not None:
-                self.admin.log_summary()
-                next_stats = now + self.stats_interval
-            if now >= next_save:
-                cachemod.save_file(self.cache, self.path)
-                next_save = time.monotonic() + self.interval
+            try:
+                next_save, next_reap, next_stats = self._chores(next_save, next_reap, next_stats)
+            except Exception:
+                # One failing chore must not end the others (saves, reaping, reloads); each
+                # is tried again at its next turn.
+                log.exception("internal error in the periodic chores; they go on")
+                now = time.monotonic()
+                next_save = max(next_save, now + self.REAP_EVERY)
+                next_reap = max(next_reap, now + self.REAP_EVERY)
+                next_stats = max(next_stats, now + self.REAP_EVERY)
+
+    def _chores(self, next_save: float, next_reap: float,
+                next_stats: float) -> tuple[float, float, float]:
+        """Do whatever is due; returns the next due times."""
+        now = time.monotonic()
+        if now >= next_reap:
+            next_reap = now + min(self.REAP_EVERY, self.RELOAD_CHECK_EVERY)
+            if self.pool is not None:
+                self.pool.reap()
+            if self.reloader is not None:
+                self.reloader.check()
+        if now >= next_stats and self.admin is not None:
+            next_stats = now + self.stats_interval
+            self.admin.log_summary()
+        if now >= next_save:
+            next_save = now + self.interval       # set first: a failing save is not retried at once
+            cachemod.save_file(self.cache, self.path)
+            next_save = time.monotonic() + self.interval
+        return next_save, next_reap, next_stats
 
     def stop(self) -> None:
         self._stop.set()

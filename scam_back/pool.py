@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from .backend import BackendSession, PoolKey
+from .backend import BackendSession, PoolKey, SessionSettings
 
 
 class SessionPool:
@@ -23,6 +23,7 @@ class SessionPool:
         self.clock = clock
         self._idle: dict[PoolKey, list[tuple[float, BackendSession]]] = {}
         self._lock = threading.Lock()
+        self.settings: Optional[SessionSettings] = None    # sessions with others are not kept
 
     def take(self, key: PoolKey) -> Optional[BackendSession]:
         """The most recently used idle session of this kind (BackendSession.pool_key), or None."""
@@ -37,6 +38,9 @@ class SessionPool:
     def give(self, session: BackendSession) -> None:
         """Return a session after use; a closed one is dropped, a surplus one closed."""
         if not session.is_open:
+            return
+        if self.settings is not None and session.settings != self.settings:
+            session.close()         # opened before a reload changed how sessions are opened
             return
         session.reset()
         with self._lock:

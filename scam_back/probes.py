@@ -25,6 +25,7 @@ class ProbeGate:
     """
 
     def __init__(self, max_probes: int) -> None:
+        self.max_probes = max_probes
         self._slots = threading.BoundedSemaphore(max_probes)
         self._flights: dict[str, _Flight] = {}
         self._lock = threading.Lock()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from typing import Callable
 
 from .threads import start_quiet_thread
@@ -15,16 +16,21 @@ log = logging.getLogger("scam-back")
 
 MAX_PENDING = 10_000        # refreshes waiting; past this, the entry is simply asked for later
 WORKERS = 2                 # refreshes in flight (each also takes a BackMaxProbes slot)
+REST = 60.0                 # seconds before a key whose job failed is tried again
 
 
 class Refresher:
     """A bounded queue of background probes, each key at most once at a time, and its workers."""
 
-    def __init__(self, refresh: Callable[[str], None], workers: int = WORKERS,
-                 max_pending: int = MAX_PENDING) -> None:
+    def __init__(self, refresh: Callable[[str], bool], workers: int = WORKERS,
+                 max_pending: int = MAX_PENDING, clock: Callable[[], float] = time.monotonic) -> None:
         self._refresh, self.workers, self.max_pending = refresh, workers, max_pending
         self._queue: "collections.deque[tuple[str, Callable[[], None]]]" = collections.deque()
         self._pending: set[str] = set()
+        # Keys whose job failed (a backend in trouble): not asked again until then, or every hit
+        # on a due entry would probe a backend that cannot answer.
+        self._resting: dict[str, float] = {}
+        self.clock = clock
         self._cond = threading.Condition()
         self._busy = 0
         self._started = False
@@ -34,11 +40,17 @@ class Refresher:
         """Ask for a refresh of an RCPT address; False if it is already queued or the queue is full."""
         return self.submit(raw, lambda: self._refresh(raw))
 
-    def submit(self, key: str, job: Callable[[], None]) -> bool:
-        """Run job in the background unless one with this key is queued or running."""
+    def submit(self, key: str, job: Callable[[], object]) -> bool:
+        """Run job in the background unless one with this key is queued, running or resting
+        after a failure (job returned False)."""
         with self._cond:
             if key in self._pending or len(self._pending) >= self.max_pending or self._stopped:
                 return False
+            until = self._resting.get(key)
+            if until is not None:
+                if self.clock() < until:
+                    return False
+                del self._resting[key]
             self._pending.add(key)
             self._queue.append((key, job))
             if not self._started:
@@ -57,14 +69,19 @@ class Refresher:
                     return
                 key, job = self._queue.popleft()
                 self._busy += 1
+            done = False
             try:
-                job()
+                done = job() is not False
             except Exception:
                 log.exception("internal error in background probe %s; cached entries are kept", key)
             finally:
                 with self._cond:
                     self._busy -= 1
                     self._pending.discard(key)
+                    if not done:
+                        if len(self._resting) >= self.max_pending:
+                            self._resting.clear()
+                        self._resting[key] = self.clock() + REST
                     self._cond.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 from . import config as configmod
@@ -101,9 +100,7 @@ def load(path: str, base_dir: Optional[str] = None) -> tuple[Config, Router, lis
     base_dir when given (the start directory of a daemon that has since moved to /)."""
     config = configmod.load(path)
     if base_dir:
-        config = replace(config, mailertable=os.path.join(base_dir, config.mailertable),
-                         transport_map=config.transport_map and
-                         os.path.join(base_dir, config.transport_map))
+        config = configmod.absolute_paths(config, base_dir)
     router, table_warnings = build(config)
     return config, router, list(config.warnings) + table_warnings
 

@@ -31,6 +31,8 @@ ADDRESS_PREFIX = PREFIX + "addr:"
 FLUSH_CHANNEL = PREFIX + "flush"
 PAUSE_FIRST, PAUSE_MAX = 2.0, 30.0  # seconds Redis is left alone after a failure, doubling
 SUBSCRIBE_RETRY = 1.0     # the flush listener reconnects this often: flushes must reach it soon
+PING_AFTER, DEAD_AFTER = 30.0, 45.0    # a silent subscription is pinged; no answer: reconnect
+ADMIN_TIMEOUT = 10.0      # flushes walk the whole key space: not bound by BackCacheTimeout
 SCAN_BATCH = 1000
 
 # What a flush message asks every daemon to drop locally: (what, value).
@@ -71,8 +73,10 @@ class SharedCache:
             options["password"] = password
         self.client = redis.Redis.from_url(url, **options)
         # The subscriber blocks in a read; it gets its own client with no read timeout.
-        sub_options = dict(options, socket_timeout=None)
-        self._sub_client = redis.Redis.from_url(url, **sub_options)
+        self._sub_client = redis.Redis.from_url(url, **dict(options, socket_timeout=None,
+                                                            socket_keepalive=True))
+        self._admin_client = redis.Redis.from_url(url, **dict(
+            options, socket_timeout=ADMIN_TIMEOUT, socket_connect_timeout=max(timeout, 1.0)))
         self.origin = uuid.uuid4().hex
         self._lock = threading.Lock()
         self._down_since: Optional[float] = None
@@ -163,9 +167,10 @@ class SharedCache:
 
     # ---- flushes ----
 
-    def _scan(self, pattern: str) -> Iterator[list[bytes]]:
+    @staticmethod
+    def _scan(client: redis.Redis, pattern: str) -> Iterator[list[bytes]]:
         batch: list[bytes] = []
-        for key in self.client.scan_iter(match=pattern, count=SCAN_BATCH):
+        for key in client.scan_iter(match=pattern, count=SCAN_BATCH):
             batch.append(key)
             if len(batch) >= SCAN_BATCH:
                 yield batch
@@ -180,24 +185,35 @@ class SharedCache:
         Raises redis.RedisError (or OSError) when Redis cannot be reached: an admin must know a
         flush did not reach the other daemons.
         """
+        if what not in ("address", "domain", "invalid", "all") or \
+                (what in ("address", "domain") and not value):
+            raise ValueError(f"cannot flush {what} {value!r}")
+        client, deleted = self._admin_client, 0
+        try:
+            deleted = self._delete(client, what, value)
+        finally:
+            # Told even if the deletes stopped half way: every daemon drops its local copies.
+            listeners = client.publish(FLUSH_CHANNEL, json.dumps(
+                {"what": what, "value": value, "origin": self.origin}))
+        self._worked()
+        return deleted, int(listeners or 0)
+
+    def _delete(self, client: redis.Redis, what: str, value: str) -> int:
         deleted = 0
         if what == "address":
-            deleted = int(self.client.delete(ADDRESS_PREFIX + value.lower()))
+            deleted = int(client.delete(ADDRESS_PREFIX + value.lower()))
         else:
             patterns = {"domain": [f"{ADDRESS_PREFIX}*@{_glob(value)}",
                                    f"{ADDRESS_PREFIX}*@*.{_glob(value)}"],
                         "invalid": [ADDRESS_PREFIX + "*"], "all": [ADDRESS_PREFIX + "*"]}[what]
             for pattern in patterns:
-                for keys in self._scan(pattern):
+                for keys in self._scan(client, pattern):
                     if what == "invalid":
-                        values = self.client.mget(keys)
+                        values = client.mget(keys)
                         keys = [k for k, v in zip(keys, values) if v == b"1"]
                     if keys:
-                        deleted += int(self.client.delete(*keys))
-        listeners = self.client.publish(FLUSH_CHANNEL, json.dumps(
-            {"what": what, "value": value, "origin": self.origin}))
-        self._worked()
-        return deleted, int(listeners or 0)
+                        deleted += int(client.delete(*keys))
+        return deleted
 
     def listen(self, on_flush: FlushHandler) -> None:
         """Start the thread that applies other daemons' flushes to the local cache."""
@@ -211,10 +227,20 @@ class SharedCache:
                 pubsub = self._pubsub = self._sub_client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(FLUSH_CHANNEL)
                 self.listening = True
+                heard = pinged = time.monotonic()
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
+                    now = time.monotonic()
                     if message is not None:
-                        self._apply(message.get("data"), on_flush)
+                        heard = now
+                        if message.get("type") == "message":
+                            self._apply(message.get("data"), on_flush)
+                    elif now - heard > DEAD_AFTER:
+                        # A connection a firewall dropped looks idle, not closed.
+                        raise redis.ConnectionError("no answer to PING on the subscription")
+                    elif now - heard > PING_AFTER and now - pinged > PING_AFTER:
+                        pubsub.ping()
+                        pinged = now
             except (redis.RedisError, OSError, ValueError):
                 # The outage itself is logged by the verdict calls; just try again soon.
                 self.listening = False
@@ -229,7 +255,8 @@ class SharedCache:
         except (TypeError, ValueError, KeyError):
             log.warning("shared cache: ignored a malformed flush message")
             return
-        if message.get("origin") == self.origin or what not in ("address", "domain", "invalid", "all"):
+        if message.get("origin") == self.origin or what not in ("address", "domain", "invalid", "all") \
+                or (what in ("address", "domain") and not value):
             return
         on_flush(what, value)
         log.info("shared cache: flushed %s%s locally (asked by another scam-back)", what,
@@ -245,7 +272,7 @@ class SharedCache:
 
     def close(self) -> None:
         self._stop.set()
-        for client in (self.client, self._sub_client):
+        for client in (self.client, self._sub_client, self._admin_client):
             try:
                 client.close()
             except (redis.RedisError, OSError):

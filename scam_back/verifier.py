@@ -83,6 +83,13 @@ def cached_answers(label: str, dry_run: bool = False) -> CachedAnswers:
     return CachedAnswers(valid, invalid, *tails)
 
 
+def checked_domain(route: Route, domain: str) -> str:
+    """What an accept-all check stands for: the recipient's domain for an exact or catch-all
+    route; the route's key for one matched by a parent, so a flood of random subdomains costs
+    one check, not one each."""
+    return domain if route.key in (domain, "*", ".") else route.key.lstrip(".")
+
+
 def backend_hosts(route: Route, domain: str) -> tuple[HostSpec, ...]:
     """The route's hosts, with an empty host (a nexthop of "the recipient's domain") filled in."""
     if all(spec.host for spec in route.hosts):
@@ -125,9 +132,14 @@ class Verifier:
                                         config.timeout_connect, config.timeout_reply, config.tls,
                                         self.tls_contexts)
         self.prober = Prober(self.settings, self.pool, self.resolver, self.backoff, self.stats)
+        if self.pool.settings != self.settings:
+            # New HeloName, BackMailFrom, timeouts...: sessions opened with the old ones go.
+            self.pool.settings = self.settings
+            self.pool.close()
         self.catchall.interval = config.catchall_check
         self.backoff.seconds, self.backoff.failures = config.backoff, max(1, config.backoff_failures)
-        self.gate = ProbeGate(config.max_probes)
+        if getattr(self, "gate", None) is None or self.gate.max_probes != config.max_probes:
+            self.gate = ProbeGate(config.max_probes)
         self.pool.idle_timeout, self.pool.max_idle = config.idle_timeout, config.max_probes
         self.skip_daemons = frozenset(d.lower() for d in config.skip_daemons)
         self.skip_recipients = frozenset(r.lower() for r in config.skip_recipients)
@@ -268,7 +280,8 @@ class Verifier:
             shared = self.shared.get(address.text.lower())
             if shared is not None:
                 valid, ttl = shared
-                if not (valid and self.catchall.accepts_all(address.domain, route.label)):
+                if not (valid and self.catchall.accepts_all(checked_domain(route, address.domain),
+                                                            route.label)):
                     self.cache.put(address.text, valid, ttl)
                 return Verdict(Kind.VALID if valid else Kind.INVALID, "shared-cache", route.label,
                                "cached")
@@ -294,11 +307,12 @@ class Verifier:
         only when a second probe says it again: one glitch must not reject a user for an hour.
         """
         hosts = backend_hosts(route, domain)
-        check = self.catchall.due(domain, route.label)
+        checked = checked_domain(route, domain)
+        check = self.catchall.due(checked, route.label, domain)
         if check is not None and not self.refresher.submit(
-                f"accept-all {domain} {route.label}",
-                lambda: self._check_accept_all(hosts, domain, route.label, check)):
-            self.catchall.cancel(domain, route.label)       # busy: the next probe tries again
+                f"accept-all {checked} {route.label}",
+                lambda: self._check_accept_all(hosts, checked, route.label, check)):
+            self.catchall.cancel(checked, route.label)      # busy: the next probe tries again
         verdict = self.prober.probe(hosts, address, deadline)
         if verdict.kind is Kind.INVALID and was_valid:
             second = self.prober.probe(hosts, address, deadline)
@@ -308,8 +322,8 @@ class Verifier:
                      verdict.reply[:120], second.kind.value)
             verdict = second if second.kind is not Kind.TROUBLE else \
                 second._replace(why="5xx not confirmed")
-        if verdict.kind is Kind.INVALID or (verdict.kind is Kind.VALID and
-                                            not self.catchall.accepts_all(domain, route.label)):
+        if verdict.kind is Kind.INVALID or (verdict.kind is Kind.VALID and not
+                                            self.catchall.accepts_all(checked, route.label)):
             self.remember_verdict(address, verdict.kind is Kind.VALID)
         return verdict
 
@@ -325,23 +339,25 @@ class Verifier:
                 log.info("dropped %d cached positives of %s (its backend accepts all)", dropped,
                          domain)
 
-    def refresh(self, raw: str) -> None:
+    def refresh(self, raw: str) -> bool:
         """Re-probe a valid entry near the end of its TTL (in the background): a valid answer
         renews it; a 5xx is confirmed before it turns invalid; trouble keeps the old entry."""
         try:
             address = addr.parse(raw)
         except addr.AddressError:
-            return
+            return True
         route = None if address.is_literal else self.router.route(address.domain)
         if route is None:
-            return
+            return True
         deadline = time.monotonic() + self.config.verify_timeout
         verdict = self.gate.run(address.text.lower(), deadline, lambda: self._probe_and_cache(
             route, address.domain, address.text, deadline, was_valid=True))
         self.stats.count("refresh", verdict.kind.value)
         if verdict.kind is Kind.TROUBLE:
-            log.info("refresh of rcpt=<%s> got no verdict (%s); the cached entry is kept",
-                     address.text, verdict.reply[:160])
+            log.info("refresh of rcpt=<%s> got no verdict (%s); the cached entry is kept, "
+                     "asked again in a minute at the earliest", address.text, verdict.reply[:160])
+            return False
+        return True
 
     def remember_verdict(self, address: str, valid: bool) -> None:
         """Cache a backend's verdict here and, with BackCache, for every other daemon."""
@@ -349,6 +365,13 @@ class Verifier:
         if self.shared is not None:
             self.shared.put(address.lower(), valid,
                             self.cache.valid_ttl if valid else self.cache.invalid_ttl)
+
+    def accepts_all(self, address: str) -> bool:
+        """True if the backend of an address's route was found to accept every address."""
+        parsed = addr.parse(address)
+        route = None if parsed.is_literal else self.router.route(parsed.domain)
+        return route is not None and self.catchall.accepts_all(
+            checked_domain(route, parsed.domain), route.label)
 
     def probe_live(self, address: str) -> Verdict:
         """Ask the backend about an address now, past the cache and the probe gate (`check

@@ -19,6 +19,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+from scam_back import backend as backendmod
+
 from scam_back import routing
 from scam_back.cache import VerdictCache
 from scam_back.config import ConfigError
@@ -182,11 +184,27 @@ def test_may_after_a_refused_starttls_carries_on_in_the_clear(verifiers):
         assert server.connections == 1
 
 
-def test_may_with_a_failed_handshake_is_trouble_never_a_verdict(verifiers):
-    """220 to STARTTLS, then the connection drops: no verdict, nothing asked after it."""
+def test_may_with_a_failed_handshake_goes_on_in_the_clear(verifiers, monkeypatch, caplog):
+    """220 to STARTTLS, then the connection drops: BackTLS: may asks again in the clear (as
+    Postfix's "may" does), and skips STARTTLS at that backend for a while, saying so once."""
+    monkeypatch.setattr(backendmod, "_TLS_BROKEN", {})
     step = [(0.0, b"220 2.0.0 Ready to start TLS\r\n"), "close"]
     with ScriptedBackend(replies=starttls_script(step)) as server:
         verifier = verifiers(conf(server.port, "may"))
+        assert verifier.verify("bad@example.net").kind is Kind.INVALID
+        verifier.pool.close()
+        assert verifier.verify("good@example.net").kind is Kind.VALID
+        assert len(sent(server, "STARTTLS")) == 1
+        assert len(sent(server, "RCPT")) == 2
+    assert sum("goes on in the clear" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_verify_with_a_failed_handshake_is_trouble_never_a_verdict(verifiers, monkeypatch):
+    """220 to STARTTLS, then the connection drops: no verdict, nothing asked after it."""
+    monkeypatch.setattr(backendmod, "_TLS_BROKEN", {})
+    step = [(0.0, b"220 2.0.0 Ready to start TLS\r\n"), "close"]
+    with ScriptedBackend(replies=starttls_script(step)) as server:
+        verifier = verifiers(conf(server.port, "verify"))
         assert_tls_trouble(verifier, "bad@example.net")
         assert sent(server, "RCPT") == [] and sent(server, "MAIL") == []
 

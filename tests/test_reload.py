@@ -84,3 +84,25 @@ def test_a_refused_change_is_not_retried_until_the_files_change_again(setup, cap
     reloader.check()
     refusals = [r for r in caplog.records if "reload refused" in r.getMessage()]
     assert len(refusals) == 1
+
+
+def test_pooled_sessions_opened_with_old_settings_are_not_reused(setup, backend):
+    conf, base, verifier, reloader = setup
+    verifier.verify("<good@example.net>")
+    assert verifier.pool.idle_count() == 1
+    write(conf, base.replace("HeloName: mx.test.example", "HeloName: mx2.test.example"))
+    reloader.reload()
+    assert verifier.pool.idle_count() == 0
+    verifier.verify("<bad@example.net>")
+    assert backend.transcript.count("EHLO mx2.test.example") == 1
+
+
+def test_a_reload_that_keeps_backmaxprobes_keeps_the_probe_gate(setup):
+    conf, base, verifier, reloader = setup
+    gate = verifier.gate
+    write(conf, base + "BackValidAddrExp: 500\n")
+    reloader.reload()
+    assert verifier.gate is gate
+    write(conf, base + "BackMaxProbes: 3\n")
+    reloader.reload()
+    assert verifier.gate is not gate and verifier.gate.max_probes == 3

@@ -231,3 +231,41 @@ def test_a_check_that_could_not_start_is_tried_at_the_next_probe():
     assert check.due("example.net", "b:25") is None          # begun: nobody else probes
     check.cancel("example.net", "b:25")
     assert check.due("example.net", "b:25") is not None
+
+
+def test_a_failed_background_probe_rests_before_it_is_tried_again():
+    from scam_back.refresh import REST, Refresher
+    now = [0.0]
+    calls = []
+
+    def job() -> bool:
+        calls.append(1)
+        return False
+    refresher = Refresher(lambda raw: True, clock=lambda: now[0])
+    try:
+        assert refresher.submit("k", job)
+        assert refresher.wait_idle(5)
+        assert not refresher.submit("k", job)          # resting: the backend is in trouble
+        now[0] += REST + 1
+        assert refresher.submit("k", job)
+        assert refresher.wait_idle(5)
+        assert len(calls) == 2
+    finally:
+        refresher.stop()
+
+
+def test_a_flood_of_subdomains_costs_one_accept_all_check(backend, clock, accept_all_verifier):
+    verifier = accept_all_verifier(backend, clock)
+    verifier.router.subdomains = True
+    for number in range(20):
+        verifier.verify(f"<someone@r{number}.example.net>")
+    assert verifier.refresher.wait_idle(5)
+    assert len(check_rcpts(backend)) == 1
+
+
+def test_an_empty_domain_never_flushes_everything(tmp_path):
+    cache = VerdictCache(60, 60)
+    cache.put("a@example.net", True)
+    with pytest.raises(ValueError):
+        cache.drop_where(domain="")
+    assert len(cache) == 1
