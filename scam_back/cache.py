@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 import tempfile
 import threading
 import time
@@ -12,7 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Optional
 
-log = logging.getLogger("scam-back")
+from .cachefile import USUAL_LINE, bounded_lines, fsync_dir, parse_line
 
 VALID, INVALID = 0, 1   # the original's codes in the cache file
 DUE = 2                 # fresh(): valid, with less than a tenth of its TTL left (truthy)
@@ -291,7 +289,7 @@ class VerdictCache:
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o600)
             os.replace(tmp, path)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -313,13 +311,13 @@ class VerdictCache:
         ttls = {True: self.valid_ttl, False: self.invalid_ttl}
         batch: list[tuple[str, bool, float]] = []
         with open(path, "rb") as handle:
-            for raw in _bounded_lines(handle):
-                usual = _USUAL_LINE.fullmatch(raw)     # one C call for the common line
+            for raw in bounded_lines(handle):
+                usual = USUAL_LINE.fullmatch(raw)     # one C call for the common line
                 if usual is not None and b"@" in usual.group(2):
                     address = usual.group(2).decode("utf-8", "surrogateescape")
                     valid, expiry = usual.group(1) == b"0", float(usual.group(3))
                 else:
-                    parsed = _parse_line(raw)
+                    parsed = parse_line(raw)
                     if parsed is None:
                         if raw.strip():
                             malformed += 1
@@ -359,94 +357,3 @@ class VerdictCache:
                         target.popitem(last=False)
                 while len(shard.valid) + len(shard.invalid) > shard.max_entries:
                     (shard.valid if shard.valid else shard.invalid).popitem(last=False)
-
-
-MAX_LINE = 1024      # an address is at most 254 octets; longer lines are garbage
-_UNSAFE = re.compile(rb"[\x00-\x1f<>]")
-_USUAL_LINE = re.compile(rb"([01]) ([^\x00-\x20<>]{1,254}) (\d{1,15})\s*")
-
-
-def _bounded_lines(handle) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
-    """The lines of a binary file, read in 1 MiB blocks; a line longer than MAX_LINE (say a
-    file of garbage with no newline) is dropped as it streams by and given as one b"x"."""
-    tail, skipping = b"", False
-    while True:
-        block = handle.read(1 << 20)
-        if not block:
-            break
-        lines = block.replace(b"\r", b"\n").split(b"\n")     # CRLF and bare CR too
-        lines[0] = tail + lines[0]
-        tail = lines.pop()
-        for line in lines:
-            if skipping:
-                skipping = False
-                continue
-            yield line if len(line) <= MAX_LINE else b"x"
-        if len(tail) > MAX_LINE:
-            if not skipping:
-                yield b"x"
-            tail, skipping = b"", True
-    if tail and not skipping:
-        yield tail if len(tail) <= MAX_LINE else b"x"
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make the rename durable; not every file system allows it, and that is not an error."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _parse_line(raw: bytes) -> Optional[tuple[str, bool, Optional[float]]]:
-    """`CODE ADDRESS [EXPIRY]` -> (address, valid, expiry or None); None if malformed."""
-    fields = raw.split()
-    if len(fields) not in (2, 3) or fields[0] not in (b"0", b"1"):
-        return None
-    address = fields[1]
-    if len(address) > 254 or b"@" not in address or _UNSAFE.search(address):
-        return None
-    expiry: Optional[float] = None
-    if len(fields) == 3:
-        if not fields[2].isdigit():
-            return None
-        expiry = float(fields[2])
-    return address.decode("utf-8", "surrogateescape"), fields[0] == b"0", expiry
-
-
-def load_file(cache: VerdictCache, path: Optional[str]) -> None:
-    """Load the cache file at start-up, logging what was found; a missing file is normal."""
-    if not path:
-        return
-    try:
-        result = cache.load(path)
-    except FileNotFoundError:
-        log.info("cache file %s does not exist yet; starting empty", path)
-        return
-    except OSError as exc:
-        log.error("cannot read cache file %s: %s; starting empty", path, exc.strerror)
-        return
-    log.info("cache file %s: %d entries loaded, %d expired skipped, %d malformed lines skipped",
-             path, result.loaded, result.expired, result.malformed)
-    if result.malformed:
-        log.warning("cache file %s had %d malformed lines (expected: 0|1 address [expiry])",
-                    path, result.malformed)
-
-
-def save_file(cache: VerdictCache, path: Optional[str]) -> None:
-    """Save the cache, logging the outcome; never raises, so shutdown always completes."""
-    if not path:
-        return
-    try:
-        count = cache.save(path)
-    except OSError as exc:
-        log.error("cannot save cache file %s: %s (is its directory writable by this user?)",
-                  path, exc.strerror)
-        return
-    log.info("cache file %s saved: %d entries", path, count)

@@ -20,6 +20,7 @@ import Milter
 import milter as libmilter
 
 from . import cache as cachemod
+from . import cachefile
 from . import catchall
 from . import control
 from . import log as logmod
@@ -232,7 +233,7 @@ def load_cache(cache: cachemod.VerdictCache, path: Optional[str]) -> None:
     """
     gc.disable()
     try:
-        cachemod.load_file(cache, path)
+        cachefile.load_file(cache, path)
     finally:
         gc.enable()
     gc.collect()
@@ -374,7 +375,7 @@ def serve(options: Options, config: Config, router: Router) -> int:
             controller.stop()
         if exposition is not None:
             exposition.shutdown()
-        cachemod.save_file(cache, cache_path)
+        cachefile.save_file(cache, cache_path)
         pool.close()
         if shared is not None:
             shared.close()

@@ -8,6 +8,7 @@ import time
 from typing import Optional
 
 from . import cache as cachemod
+from . import cachefile
 from .admin import Admin
 from .pool import SessionPool
 from .reload import Reloader
@@ -69,7 +70,7 @@ class Housekeeper:
             self.admin.log_summary()
         if now >= next_save:
             next_save = now + self.interval       # set first: a failing save is not retried at once
-            cachemod.save_file(self.cache, self.path)
+            cachefile.save_file(self.cache, self.path)
             next_save = time.monotonic() + self.interval
         return next_save, next_reap, next_stats
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from .config import ConfigError, HostSpec, parse_domain, parse_host
+from .config import ConfigError, HostSpec
+from .values import parse_domain, parse_host
 
 SMTP_MAILERS = {"smtp", "esmtp", "smtp8", "dsmtp", "relay", "lmtp"}
 POSTFIX_SMTP_TRANSPORTS = {"smtp", "relay", "", "lmtp"}  # "" is ":nexthop", the default transport

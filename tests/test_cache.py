@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from scam_back import cache as cachemod
+from scam_back import cachefile
 from scam_back.cache import LoadResult, VerdictCache
 
 WALL = 1_700_000_000.0      # a fixed Unix time for the injected wall clock
@@ -306,7 +307,7 @@ def test_save_file_logs_instead_of_raising_on_failure(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(cachemod.os, "replace", boom)
-    cachemod.save_file(cache, str(tmp_path / "backscatter.txt"))   # must not raise
+    cachefile.save_file(cache, str(tmp_path / "backscatter.txt"))   # must not raise
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []
 
