@@ -24,7 +24,8 @@ def write(path, text: str) -> None:
 def setup(tmp_path, backend):
     conf = tmp_path / "scam.conf"
     base = (f"BackSMTPPort: {backend.port}\nBackSMTPServer: 127.0.0.1\nBackAddrDomain: example.net\n"
-            "HeloName: mx.test.example\nTimeoutSMTPConnect: 1\nTimeoutSMTPReply: 1\n")
+            "HeloName: mx.test.example\nTimeoutSMTPConnect: 1\nTimeoutSMTPReply: 1\n"
+            "BackCatchAllCheck: 0\n")
     conf.write_text(base)
     config, router, _ = routing.load(str(conf))
     cache = VerdictCache(config.valid_ttl, config.invalid_ttl)
@@ -48,7 +49,7 @@ def test_a_bad_config_is_refused_and_the_old_one_serves(setup, backend):
     write(conf, base + "BackValidAddrExp: forever\n")
     with pytest.raises(ReloadError) as info:
         reloader.reload()
-    assert f"{conf}:7: BackValidAddrExp" in str(info.value)
+    assert f"{conf}:8: BackValidAddrExp" in str(info.value)
     assert verifier.verify("<bad@example.net>").kind is Kind.INVALID
     assert verifier.config.valid_ttl == 86400
 
