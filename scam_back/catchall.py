@@ -121,6 +121,12 @@ class AcceptAllCheck:
                         verdict.reply[:120], address, self.interval)
         return accepts
 
+    def settle(self, domain: str, backend: str, timeout: float) -> None:
+        """Wait (at most timeout seconds) for a check of this pair that is under way."""
+        state = self._states.get((domain, backend))
+        if state is not None and not state.done.is_set() and timeout > 0:
+            state.done.wait(timeout)
+
     def accepts_all(self, domain: str, backend: str) -> bool:
         if self.interval <= 0:
             return False

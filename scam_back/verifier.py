@@ -322,6 +322,10 @@ class Verifier:
                      verdict.reply[:120], second.kind.value)
             verdict = second if second.kind is not Kind.TROUBLE else \
                 second._replace(why="5xx not confirmed")
+        if verdict.kind is Kind.VALID:
+            # A check under way (it runs beside the probe) decides whether a positive from
+            # this backend means anything: wait for it rather than cache one that may not.
+            self.catchall.settle(checked, route.label, deadline - time.monotonic())
         if verdict.kind is Kind.INVALID or (verdict.kind is Kind.VALID and not
                                             self.catchall.accepts_all(checked, route.label)):
             self.remember_verdict(address, verdict.kind is Kind.VALID)

@@ -161,8 +161,7 @@ def test_a_backend_that_accepts_all_gets_no_cached_positives(backend, clock, acc
     backend.rcpt_reply_for = lambda address: "250 2.1.5 OK"       # accepts anything
     verifier = accept_all_verifier(backend, clock)
     assert verifier.verify("<anyone@example.net>").source == "backend"
-    assert verifier.refresher.wait_idle(5)        # the check runs after the answer
-    assert verifier.cache.peek("anyone@example.net") is None      # dropped when it was found
+    assert verifier.cache.peek("anyone@example.net") is None      # the first positive too
     for _ in range(2):
         answer = verifier.verify("<anyone@example.net>")
         assert (answer.kind, answer.source) == (Kind.VALID, "backend")
@@ -269,3 +268,20 @@ def test_an_empty_domain_never_flushes_everything(tmp_path):
     with pytest.raises(ValueError):
         cache.drop_where(domain="")
     assert len(cache) == 1
+
+
+def test_through_the_daemon_an_accept_all_backend_is_asked_every_time(daemon_factory):
+    """The real daemon: a backend that accepts anything is flagged at the first probe; its
+    positives are never answered from the cache; the warning is logged once."""
+    from .faults.conftest import ask, verdict_lines
+    with Backend() as backend:
+        backend.rcpt_reply_for = lambda address: "250 2.1.5 OK"
+        daemon = daemon_factory(backend_conf(backend, "BackCatchAllCheck: 600\n"))
+        for _ in range(3):
+            replies = ask(daemon, "anyone@example.net")
+            assert replies[0].action == "continue", replies
+        assert rcpts(backend, "anyone@example.net") == 3
+        assert len(check_rcpts(backend)) == 1
+        lines = verdict_lines(daemon, "anyone@example.net")
+        assert len(lines) == 3 and all("source=backend" in line for line in lines), lines
+        assert daemon.log().count("accepts every address in example.net") == 1
