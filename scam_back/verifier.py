@@ -342,6 +342,11 @@ class Verifier:
             if dropped:
                 log.info("dropped %d cached positives of %s (its backend accepts all)", dropped,
                          domain)
+            if self.shared is not None:
+                try:        # other daemons' copies too (the domain's invalid ones are re-learnt)
+                    self.shared.flush("domain", domain)
+                except Exception as exc:  # Redis away: its copies expire with their TTL
+                    log.warning("could not flush %s from the shared cache: %s", domain, exc)
 
     def refresh(self, raw: str) -> bool:
         """Re-probe a valid entry near the end of its TTL (in the background): a valid answer

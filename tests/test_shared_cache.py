@@ -801,3 +801,25 @@ def test_shared_cache_on_a_hung_redis_waits_only_its_timeout(redis_server, scam_
     finally:
         redis_server.resume()
         cache.close()
+
+
+def test_an_accept_all_backend_found_by_one_daemon_leaves_no_positive_in_redis(redis_server):
+    """A positive that reached Redis before the check came back is flushed from it too."""
+    from scam_back.cache import VerdictCache
+    from .conftest import backend_conf, make_verifier
+    with Backend() as backend:
+        backend.rcpt_reply_for = lambda address: "250 2.1.5 OK"
+        shared = SharedCache(redis_server.url, 1.0)
+        shared.put("early@example.net", True, 600)        # written by another daemon before
+        verifier = make_verifier(backend_conf(backend, "BackCatchAllCheck: 600\n"),
+                                 VerdictCache(600, 300))
+        verifier.shared = shared
+        try:
+            verifier.verify("<anyone@example.net>")
+            assert verifier.refresher.wait_idle(5)
+            assert shared.peek("early@example.net") is None
+            assert shared.peek("anyone@example.net") is None
+        finally:
+            verifier.refresher.stop()
+            verifier.pool.close()
+            shared.close()
