@@ -12,6 +12,7 @@ import redis
 
 from . import address as addr
 from .config import HostSpec
+from .routing import Route
 from .sharedcache import SharedCache
 from .stats import report, summary_line
 from .verdict import Kind
@@ -63,9 +64,8 @@ class Admin:
             raise AdminError(f"{text!r}: {exc}") from None
         key = address.text.lower()
         lines = [f"address: {address.text}"]
-        route = None if address.is_literal else verifier.router.route(address.domain)
-        skip = verifier.skip_recipients
-        if key in skip or address.local.lower() in skip:
+        route = verifier.route_of(address)
+        if verifier.skipped_recipient(address.local, key):
             lines.append("rule: BackSkipRecipient names it: never verified, always accepted")
         if route is None:
             lines.append(f"route: none: {address.domain or 'no domain'} is not verified "
@@ -81,7 +81,7 @@ class Admin:
         if verifier.config.dry_run:
             lines.append("mode: BackDryRun: verdicts are logged, never enforced")
         if live:
-            lines.extend(self._live(address.text, update))
+            lines.extend(self._live(address, route, update))
         return lines
 
     def _backend_lines(self, hosts: tuple[HostSpec, ...]) -> list[str]:
@@ -123,16 +123,18 @@ class Admin:
             return "none"
         return f"{'valid' if found[0] else 'invalid'}, expires in {int(found[1])} s"
 
-    def _live(self, text: str, update: bool) -> list[str]:
-        verdict = self.verifier.probe_live(text)
+    def _live(self, address: addr.Address, route: Optional[Route], update: bool) -> list[str]:
+        verifier = self.verifier
+        verdict = verifier.probe_live(address, route)
         lines = [f"live: {verdict.kind.value} from {verdict.backend} in {verdict.ms} ms: "
                  f"{verdict.reply}"]
-        if verdict.kind is Kind.VALID and update and self.verifier.accepts_all(text):
+        if verdict.kind is Kind.VALID and update and route is not None and \
+                verifier.accepts_all(route, address.domain):
             lines.append("cache: unchanged: this backend accepts every address of the domain, "
                          "so its positive answers are not cached")
         elif verdict.kind in (Kind.VALID, Kind.INVALID):
             if update:
-                self.verifier.remember_verdict(text, verdict.kind is Kind.VALID)
+                verifier.remember_verdict(address.text, verdict.kind is Kind.VALID)
                 lines.append("cache: updated with the live verdict")
             else:
                 lines.append("cache: unchanged (add --update to store the live verdict)")

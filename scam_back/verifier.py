@@ -221,7 +221,7 @@ class Verifier:
         if answers is None:
             return None
         key = f"{local}@{domain}".lower()
-        if self._skipped_recipient(local, key):
+        if self.skipped_recipient(local, key):
             return None
         hot = HotAddress(key, b"rcpt=<%s> " % raw.strip("<>").encode(), answers)
         if len(memo) >= HOT_MAX:
@@ -236,7 +236,7 @@ class Verifier:
         memo[raw] = hot
         return hot
 
-    def _skipped_recipient(self, local: str, key: str) -> bool:
+    def skipped_recipient(self, local: str, key: str) -> bool:
         """True if BackSkipRecipient names the local part or the (lower-cased) address."""
         skip = self.skip_recipients
         return bool(skip) and (local.lower() in skip or key in skip)
@@ -262,9 +262,9 @@ class Verifier:
             if not hopeless and (not domain or self.router.route(domain) is None):
                 return Verdict(Kind.SKIPPED, "rule", reply=f"domain not routed ({exc})")
             return Verdict(Kind.BAD_SYNTAX, "rule", reply=str(exc))
-        if self._skipped_recipient(address.local, address.text.lower()):
+        if self.skipped_recipient(address.local, address.text.lower()):
             return Verdict(Kind.SKIPPED, "rule", reply="BackSkipRecipient")
-        route = None if address.is_literal else self.router.route(address.domain)
+        route = self.route_of(address)
         if route is None:
             return Verdict(Kind.SKIPPED, "rule", reply="domain not routed")
         if address.is_utf8:
@@ -280,8 +280,7 @@ class Verifier:
             shared = self.shared.get(address.text.lower())
             if shared is not None:
                 valid, ttl = shared
-                if not (valid and self.catchall.accepts_all(checked_domain(route, address.domain),
-                                                            route.label)):
+                if not (valid and self.accepts_all(route, address.domain)):
                     self.cache.put(address.text, valid, ttl)
                 return Verdict(Kind.VALID if valid else Kind.INVALID, "shared-cache", route.label,
                                "cached")
@@ -327,7 +326,7 @@ class Verifier:
             # this backend means anything: wait for it rather than cache one that may not.
             self.catchall.settle(checked, route.label, deadline - time.monotonic())
         if verdict.kind is Kind.INVALID or (verdict.kind is Kind.VALID and not
-                                            self.catchall.accepts_all(checked, route.label)):
+                                            self.accepts_all(route, domain)):
             self.remember_verdict(address, verdict.kind is Kind.VALID)
         return verdict
 
@@ -355,7 +354,7 @@ class Verifier:
             address = addr.parse(raw)
         except addr.AddressError:
             return True
-        route = None if address.is_literal else self.router.route(address.domain)
+        route = self.route_of(address)
         if route is None:
             return True
         deadline = time.monotonic() + self.config.verify_timeout
@@ -375,21 +374,20 @@ class Verifier:
             self.shared.put(address.lower(), valid,
                             self.cache.valid_ttl if valid else self.cache.invalid_ttl)
 
-    def accepts_all(self, address: str) -> bool:
-        """True if the backend of an address's route was found to accept every address."""
-        parsed = addr.parse(address)
-        route = None if parsed.is_literal else self.router.route(parsed.domain)
-        return route is not None and self.catchall.accepts_all(
-            checked_domain(route, parsed.domain), route.label)
+    def route_of(self, address: addr.Address) -> Optional[Route]:
+        """The route that verifies an address; None if none does (address literals never)."""
+        return None if address.is_literal else self.router.route(address.domain)
 
-    def probe_live(self, address: str) -> Verdict:
-        """Ask the backend about an address now, past the cache and the probe gate (`check
-        --live`); the verdict is not cached here."""
-        parsed = addr.parse(address)
-        route = None if parsed.is_literal else self.router.route(parsed.domain)
+    def accepts_all(self, route: Route, domain: str) -> bool:
+        """True if the route's backend was found to accept every address of the domain."""
+        return self.catchall.accepts_all(checked_domain(route, domain), route.label)
+
+    def probe_live(self, address: addr.Address, route: Optional[Route]) -> Verdict:
+        """Ask the route's backend about an address now, past the cache and the probe gate
+        (`check --live`); the verdict is not cached here."""
         if route is None:
             return Verdict(Kind.SKIPPED, "rule", reply="domain not routed")
         start = time.monotonic()
-        verdict = self.prober.probe(backend_hosts(route, parsed.domain), parsed.text,
-                              start + self.config.verify_timeout)
+        verdict = self.prober.probe(backend_hosts(route, address.domain), address.text,
+                                    start + self.config.verify_timeout)
         return verdict._replace(ms=int((time.monotonic() - start) * 1000))
