@@ -13,14 +13,12 @@ import redis
 from . import address as addr
 from .config import HostSpec
 from .routing import Route
-from .sharedcache import SharedCache
+from .sharedcache import FLUSH_KINDS, SharedCache
 from .stats import report, summary_line
 from .verdict import Kind
 from .verifier import Verifier, backend_hosts, checked_domain
 
 log = logging.getLogger("scam-back")
-
-FLUSH_KINDS = ("address", "domain", "invalid", "all")
 
 
 class AdminError(Exception):

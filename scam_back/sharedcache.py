@@ -37,6 +37,12 @@ SCAN_BATCH = 1000
 
 # What a flush message asks every daemon to drop locally: (what, value).
 FlushHandler = Callable[[str, str], None]
+FLUSH_KINDS = ("address", "domain", "invalid", "all")
+
+
+def is_flush(what: str, value: str) -> bool:
+    """True for a flush that names what it drops (an empty address or domain would not)."""
+    return what in FLUSH_KINDS and (bool(value) or what in ("invalid", "all"))
 
 
 def read_password(config: Config) -> Optional[str]:
@@ -185,8 +191,7 @@ class SharedCache:
         Raises redis.RedisError (or OSError) when Redis cannot be reached: an admin must know a
         flush did not reach the other daemons.
         """
-        if what not in ("address", "domain", "invalid", "all") or \
-                (what in ("address", "domain") and not value):
+        if not is_flush(what, value):
             raise ValueError(f"cannot flush {what} {value!r}")
         client, deleted = self._admin_client, 0
         try:
@@ -255,8 +260,7 @@ class SharedCache:
         except (TypeError, ValueError, KeyError):
             log.warning("shared cache: ignored a malformed flush message")
             return
-        if message.get("origin") == self.origin or what not in ("address", "domain", "invalid", "all") \
-                or (what in ("address", "domain") and not value):
+        if message.get("origin") == self.origin or not is_flush(what, value):
             return
         on_flush(what, value)
         log.info("shared cache: flushed %s%s locally (asked by another scam-back)", what,
