@@ -111,8 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return daemon.EX_CONFIG
     logmod.set_level(config.log_level)
     if args.check:
-        log.info("%s: OK, %d domains routed%s", args.config, len(router.exact) + len(router.dotted),
-                 " and all other domains" if router.catchall else "")
+        log.info("%s: OK, %s", args.config, router.summary())
         return daemon.EX_OK
     options = daemon.Options(args.socket, args.config, args.user, args.group, args.cache_file,
                              args.pid_file, args.detach, int(args.timeout or 0))

@@ -3,6 +3,7 @@ config is refused with its reason and the running one keeps serving."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -70,9 +71,7 @@ class Reloader:
                 self._signatures(config)
             for line in lines:
                 log.warning("reload: %s", line.removeprefix("warning: "))
-            log.info("reloaded %s (%s): %d domains routed%s", config.path, why,
-                     len(router.exact) + len(router.dotted),
-                     " and all other domains" if router.catchall else "")
+            log.info("reloaded %s (%s): %s", config.path, why, router.summary())
             return lines + [f"reloaded {config.path}"]
 
     def _apply(self, config: Config, router: routing.Router) -> None:
@@ -80,7 +79,7 @@ class Reloader:
         cache = verifier.cache
         # Keep the start-up's restart-only settings in the running config.
         kept = {field: getattr(self.config, field) for field in RESTART_ONLY}
-        config = Config(**{**{f: getattr(config, f) for f in config.__dataclass_fields__}, **kept})
+        config = dataclasses.replace(config, **kept)
         cache.set_ttls(config.valid_ttl, config.invalid_ttl, config.stale_grace)
         verifier.reconfigure(config, router)
         logmod.set_level(config.log_level)

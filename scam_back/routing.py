@@ -55,6 +55,11 @@ class Router:
     def __bool__(self) -> bool:
         return bool(self.exact or self.dotted or self.catchall)
 
+    def summary(self) -> str:
+        """What is routed, for the -t and reload log lines."""
+        return (f"{len(self.exact) + len(self.dotted)} domains routed"
+                + (" and all other domains" if self.catchall else ""))
+
     def route(self, domain: str) -> Optional[Route]:
         """The route for a domain, the most specific match first; None if it is not verified."""
         domain = normalise_domain(domain)
