@@ -9,13 +9,11 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__
-from . import backend
 from . import config as configmod
 from . import daemon
 from . import log as logmod
 from . import ctl
 from . import routing
-from . import sharedcache
 
 log = logging.getLogger("scam-back")
 
@@ -77,8 +75,6 @@ def load_all(path: str) -> tuple[configmod.Config, routing.Router]:
     config, router, warnings = routing.load(path)
     for warning in warnings:
         log.warning("%s", warning)
-    sharedcache.read_password(config)       # a missing password file is a config error too
-    backend.tls_contexts_for(config)         # and so is a BackTLSCAFile that cannot be used
     return config, router
 
 
@@ -111,6 +107,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return daemon.EX_CONFIG
     logmod.set_level(config.log_level)
     if args.check:
+        try:
+            daemon.read_secrets(config)     # serving reads them itself, as root, once
+        except configmod.ConfigError as exc:
+            log.error("%s", exc)
+            return daemon.EX_CONFIG
         log.info("%s: OK, %s", args.config, router.summary())
         return daemon.EX_OK
     options = daemon.Options(args.socket, args.config, args.user, args.group, args.cache_file,

@@ -26,7 +26,7 @@ from . import control
 from . import log as logmod
 from . import sharedcache
 from .admin import Admin
-from .backend import tls_contexts_for
+from .backend import TLSContexts, tls_contexts_for
 from . import config as configmod
 from .config import Config, ConfigError
 from .milter import ScamBackMilter
@@ -225,6 +225,12 @@ def warm_imports() -> None:
             pass
 
 
+def read_secrets(config: Config) -> tuple[Optional[str], TLSContexts]:
+    """The Redis password and the BackTLS contexts (BackTLSCAFile): files often readable by
+    root only, so read before the privilege drop; ConfigError naming the line if they fail."""
+    return sharedcache.read_password(config), tls_contexts_for(config)
+
+
 def load_cache(cache: cachemod.VerdictCache, path: Optional[str]) -> None:
     """Load the cache file with the garbage collector off, then exempt what was loaded from it.
 
@@ -240,14 +246,14 @@ def load_cache(cache: cachemod.VerdictCache, path: Optional[str]) -> None:
     gc.freeze()
 
 
-def absolute_paths(options: Options, config: Config) -> tuple[Options, Config]:
+def absolute_paths(options: Options, config: Config, start_dir: str) -> tuple[Options, Config]:
     """Files named relative to the start directory, made absolute: -D moves to / before the
     pid file is written, and reloads, saves and the control socket come later still."""
     def absolute(path: Optional[str]) -> Optional[str]:
-        return os.path.abspath(path) if path else path
+        return os.path.join(start_dir, path) if path else path
     options = dataclasses.replace(options, pid_file=absolute(options.pid_file),
                                   cache_file=absolute(options.cache_file))
-    return options, configmod.absolute_paths(config, os.getcwd())
+    return options, configmod.absolute_paths(config, start_dir)
 
 
 def start_exposition(config: Config, admin: Admin):  # type: ignore[no-untyped-def]
@@ -271,7 +277,7 @@ def serve(options: Options, config: Config, router: Router) -> int:
     # before it saved anything or removed its pid file: keep the signals pending until then.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     start_dir = os.getcwd()
-    options, config = absolute_paths(options, config)
+    options, config = absolute_paths(options, config, start_dir)
     uid, gid = lookup_ids(options.user, options.group)
     if os.geteuid() == 0 and uid in (None, 0):
         raise StartupError("refusing to run as root: start it with -u USER, an unprivileged user "
@@ -281,8 +287,7 @@ def serve(options: Options, config: Config, router: Router) -> int:
         log.warning("BitBucket is on: invalid recipients are accepted and silently removed; "
                     "senders get no bounce for them")
     try:
-        password = sharedcache.read_password(config)    # often readable by root only
-        tls = tls_contexts_for(config)                   # BackTLSCAFile too
+        password, tls = read_secrets(config)
     except ConfigError as exc:
         raise StartupError(str(exc), EX_CONFIG) from None
     make_run_dir(options.pid_file, uid, gid)
