@@ -82,15 +82,13 @@ class VerdictCache:
                  clock: Callable[[], float] = time.monotonic,
                  wallclock: Callable[[], float] = time.time,
                  invalid_max: Optional[int] = None, stale_grace: float = 0) -> None:
-        self.valid_ttl, self.invalid_ttl = valid_ttl, invalid_ttl
+        self.set_ttls(valid_ttl, invalid_ttl, stale_grace)
         self.max_entries = max_entries
         if invalid_max is None:
             self.invalid_max = self.valid_max = max_entries
         else:
             self.invalid_max = max(1, min(invalid_max, max_entries // 2))
             self.valid_max = max(1, max_entries - self.invalid_max)
-        self.stale_grace = stale_grace
-        self.refresh_before = valid_ttl * REFRESH_FRACTION
         self.clock, self.wallclock = clock, wallclock
         count = SHARDS if max_entries >= SHARD_FROM else 1
         # Keys never spread quite evenly: shards get 5% slack so a full cache loses no entry to
@@ -101,7 +99,8 @@ class VerdictCache:
                                int(-(-max_entries // count) * slack)) for _ in range(count)]
 
     def set_ttls(self, valid_ttl: float, invalid_ttl: float, stale_grace: float) -> None:
-        """New TTLs (a reload); entries keep the expiry they were given."""
+        """The TTLs (at start, and at a reload: entries keep the expiry they were given) and
+        the refresh window they imply, kept beside them for the hot path."""
         self.valid_ttl, self.invalid_ttl, self.stale_grace = valid_ttl, invalid_ttl, stale_grace
         self.refresh_before = valid_ttl * REFRESH_FRACTION
 
