@@ -59,6 +59,25 @@ def make_verifier(text: str, cache: Optional[VerdictCache] = None) -> Verifier:
     return Verifier(config, router, cache)
 
 
+@pytest.fixture
+def verifiers() -> Iterator[Callable[[str], Verifier]]:
+    """Verifiers for config text (mailertable and transport map read, as the daemon does);
+    their background workers and pooled backend sessions are stopped at the end."""
+    made: list[Verifier] = []
+
+    def make(text: str) -> Verifier:
+        config = make_config(text)
+        router, _ = routing.build(config)
+        verifier = Verifier(config, router, VerdictCache(config.valid_ttl, config.invalid_ttl,
+                                                         config.cache_max))
+        made.append(verifier)
+        return verifier
+    yield make
+    for verifier in made:
+        verifier.refresher.stop()
+        verifier.pool.close()
+
+
 def backend_conf(backend: Backend, extra: str = "", domain: str = "example.net") -> str:
     """Config text routing one domain to a test backend, with short timeouts."""
     return (f"BackSMTPPort: {backend.port}\nBackSMTPServer: 127.0.0.1\nBackAddrDomain: {domain}\n"

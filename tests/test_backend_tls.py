@@ -58,21 +58,6 @@ def tls_backend(pki: Pki, cert: str = "server", **kwargs) -> TLSBackend:  # type
     return TLSBackend(users=GOOD, tls_context=pki.server_context(cert), **kwargs)
 
 
-@pytest.fixture
-def verifiers() -> Iterator[Callable[[str], Verifier]]:
-    """make_verifier, with every pooled backend session closed at the end."""
-    made: list[Verifier] = []
-
-    def make(text: str) -> Verifier:
-        verifier = make_verifier(text)
-        made.append(verifier)
-        return verifier
-    yield make
-    for verifier in made:
-        verifier.refresher.stop()
-        verifier.pool.close()
-
-
 def conf(port: int, tls: str, extra: str = "", host: str = "127.0.0.1",
          domain: str = "example.net") -> str:
     """One domain routed to a backend, with BackTLS; replies get 3 s (a TLS handshake is one)."""

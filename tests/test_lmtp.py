@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
-from scam_back import mailertable, routing
-from scam_back.cache import VerdictCache
-from scam_back.config import Config, HostSpec
+from scam_back import mailertable
+from scam_back.config import HostSpec
 from scam_back.mailertable import LMTP_PORT, TableRoute
 from scam_back.routing import Route
 from scam_back.verdict import Kind
-from scam_back.verifier import Verifier
 
-from .conftest import GOOD, make_config, make_verifier, user_dir
+from .conftest import GOOD, make_verifier, user_dir
 from .dnsserver import DNSServer
 from .faults.conftest import FaultDaemon, ask, is_invalid, is_tempfail, show, verdict_lines
 from .smtpbackend import Backend
@@ -43,22 +41,6 @@ def lmtp() -> Iterator[TLSBackend]:
     """A real LMTP server (aiosmtpd LMTP) on 127.0.0.1 that knows the GOOD users."""
     with TLSBackend(users=GOOD, lmtp=True) as server:
         yield server
-
-
-@pytest.fixture
-def verifiers() -> Iterator[Callable[[Config], Verifier]]:
-    """Verifiers for configs (tables read by routing.build), their sessions closed at the end."""
-    made: list[Verifier] = []
-
-    def make(config: Config) -> Verifier:
-        router, _ = routing.build(config)
-        verifier = Verifier(config, router, VerdictCache(config.valid_ttl, config.invalid_ttl))
-        made.append(verifier)
-        return verifier
-    yield make
-    for verifier in made:
-        verifier.refresher.stop()
-        verifier.pool.close()
 
 
 def server_conf(port: int, extra: str = "", domain: str = "example.net") -> str:
@@ -223,7 +205,7 @@ def test_smtp_route_to_an_lmtp_server_is_refused_not_a_verdict(lmtp):
 def test_mailertable_lmtp_route(lmtp, tmp_path, verifiers):
     table = tmp_path / "mailertable"
     table.write_text(f"example.net lmtp:[127.0.0.1]:{lmtp.port}\n")
-    verifier = verifiers(make_config(table_conf(f"UseMailertable: yes\nMailertable: {table}\n")))
+    verifier = verifiers(table_conf(f"UseMailertable: yes\nMailertable: {table}\n"))
     assert verifier.router.route("example.net").label == f"lmtp:127.0.0.1:{lmtp.port}"
     assert verifier.verify("good@example.net").kind is Kind.VALID
     bad = verifier.verify("bad@example.net")
@@ -236,8 +218,8 @@ def test_transport_map_lmtp_inet_route(lmtp, tmp_path, verifiers):
     with DNSServer() as dns:
         table = tmp_path / "transport"
         table.write_text(f"example.net lmtp:inet:127.0.0.1:{lmtp.port}\n")
-        verifier = verifiers(make_config(table_conf(f"TransportMap: {table}\n"
-                                                    f"DNSServer: 127.0.0.1:{dns.port}\n")))
+        verifier = verifiers(table_conf(f"TransportMap: {table}\n"
+                                                    f"DNSServer: 127.0.0.1:{dns.port}\n"))
         assert verifier.verify("good@example.net").kind is Kind.VALID
         assert verifier.verify("bad@example.net").kind is Kind.INVALID
         assert_lmtp_dialogue(lmtp, "good@example.net", "bad@example.net")
@@ -246,7 +228,7 @@ def test_transport_map_lmtp_inet_route(lmtp, tmp_path, verifiers):
 def test_transport_map_lmtp_bracketed_route(lmtp, tmp_path, verifiers):
     table = tmp_path / "transport"
     table.write_text(f"example.net lmtp:[127.0.0.1]:{lmtp.port}\n")
-    verifier = verifiers(make_config(table_conf(f"TransportMap: {table}\n")))
+    verifier = verifiers(table_conf(f"TransportMap: {table}\n"))
     assert verifier.verify("bad@example.net").kind is Kind.INVALID
     assert verifier.verify("good@example.net").kind is Kind.VALID
     assert_lmtp_dialogue(lmtp, "bad@example.net", "good@example.net")
@@ -257,9 +239,9 @@ def test_transport_map_lmtp_inet_host_connects_to_the_host_not_its_mx(lmtp, tmp_
                    a={"store.test": ["127.0.0.1"], "elsewhere.test": ["127.0.0.2"]}) as dns:
         table = tmp_path / "transport"
         table.write_text(f"example.net lmtp:inet:store.test:{lmtp.port}\n")
-        verifier = verifiers(make_config(table_conf(f"TransportMap: {table}\n"
+        verifier = verifiers(table_conf(f"TransportMap: {table}\n"
                                                     f"DNSServer: 127.0.0.1:{dns.port}\n"
-                                                    "TimeoutSMTPConnect: 0.5\n")))
+                                                    "TimeoutSMTPConnect: 0.5\n"))
         assert verifier.verify("bad@example.net").kind is Kind.INVALID
         assert ("store.test", "MX") not in dns.queries
 
@@ -269,7 +251,7 @@ def test_table_lmtp_and_smtp_routes_side_by_side(lmtp, tmp_path, verifiers):
         table = tmp_path / "mailertable"
         table.write_text(f"example.net lmtp:[127.0.0.1]:{lmtp.port}\n"
                          f"b.test esmtp:[127.0.0.1]:{smtp.port}\n")
-        verifier = verifiers(make_config(table_conf(f"UseMailertable: yes\nMailertable: {table}\n")))
+        verifier = verifiers(table_conf(f"UseMailertable: yes\nMailertable: {table}\n"))
         assert verifier.verify("bad@example.net").kind is Kind.INVALID
         assert verifier.verify("b2@b.test").kind is Kind.VALID
         assert verifier.verify("nobody@b.test").kind is Kind.INVALID
@@ -281,8 +263,8 @@ def test_backprotocol_lmtp_leaves_esmtp_table_routes_smtp(lmtp, tmp_path, verifi
     with Backend(users=GOOD) as smtp:
         table = tmp_path / "mailertable"
         table.write_text(f"b.test esmtp:[127.0.0.1]:{smtp.port}\n")
-        verifier = verifiers(make_config(server_conf(lmtp.port, "BackProtocol: lmtp\n"
-                                                     f"UseMailertable: yes\nMailertable: {table}\n")))
+        verifier = verifiers(server_conf(lmtp.port, "BackProtocol: lmtp\n"
+                                                     f"UseMailertable: yes\nMailertable: {table}\n"))
         assert verifier.verify("bad@example.net").kind is Kind.INVALID     # LMTP, as asked
         assert verifier.verify("nobody@b.test").kind is Kind.INVALID       # SMTP, as the table says
 
