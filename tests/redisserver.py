@@ -135,23 +135,24 @@ class RedisServer:
             except ProcessLookupError:
                 pass
 
-    def _end(self, timeout: float = STOP_TIMEOUT) -> None:
+    def _signal_and_reap(self, signum: int) -> bool:
+        """Send signum by pid and wait (bounded) for the exit; True if the process ended."""
+        assert self.proc is not None
+        self._signal(signum)
+        try:
+            self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def _end(self) -> None:
         """SIGTERM by pid, wait (bounded), SIGKILL if it is still there; reap."""
-        proc = self.proc
-        if proc is None:
+        if self.proc is None:
             return
         if self.paused:
-            self._signal(signal.SIGCONT)
-            self.paused = False
-        self._signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
+            self.resume()
+        if not self._signal_and_reap(signal.SIGTERM):
+            self._signal_and_reap(signal.SIGKILL)
         self.proc = None
 
     def stop(self) -> None:
@@ -160,14 +161,9 @@ class RedisServer:
 
     def kill(self) -> None:
         """SIGKILL by pid, at once (a crashed Redis), and reap."""
-        proc = self.proc
-        if proc is None:
+        if self.proc is None:
             return
-        self._signal(signal.SIGKILL)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pass
+        self._signal_and_reap(signal.SIGKILL)
         self.paused = False
         self.proc = None
 
