@@ -113,6 +113,7 @@ class Verifier:
         self.refresher = Refresher(self.refresh)
         self.pool = pool or SessionPool(config.idle_timeout, config.max_probes)
         self.backoff = Backoff(config.backoff, config.backoff_failures, clock)
+        self.gate = ProbeGate(config.max_probes)
         self._hit_valid = self.stats.counter("valid", "cache")
         self._hit_invalid = self.stats.counter("invalid", "cache")
         self.reconfigure(config, router, resolver)
@@ -138,7 +139,7 @@ class Verifier:
             self.pool.close()
         self.catchall.interval = config.catchall_check
         self.backoff.seconds, self.backoff.failures = config.backoff, max(1, config.backoff_failures)
-        if getattr(self, "gate", None) is None or self.gate.max_probes != config.max_probes:
+        if self.gate.max_probes != config.max_probes:
             self.gate = ProbeGate(config.max_probes)
         self.pool.idle_timeout, self.pool.max_idle = config.idle_timeout, config.max_probes
         self.skip_daemons = frozenset(d.lower() for d in config.skip_daemons)
