@@ -312,9 +312,11 @@ class VerdictCache:
         with open(path, "rb") as handle:
             for raw in bounded_lines(handle):
                 usual = USUAL_LINE.fullmatch(raw)     # one C call for the common line
-                if usual is not None and b"@" in usual.group(2):
-                    address = usual.group(2).decode("utf-8", "surrogateescape")
-                    valid, expiry = usual.group(1) == b"0", float(usual.group(3))
+                if usual is not None and len(usual.group(2)) <= 254:
+                    code, address_bytes, expiry_bytes = usual.groups()
+                    address = address_bytes.decode("ascii")
+                    valid = code == b"0"
+                    expiry = None if expiry_bytes is None else float(expiry_bytes)
                 else:
                     parsed = parse_line(raw)
                     if parsed is None:

@@ -8,6 +8,8 @@ import os
 import re
 from typing import TYPE_CHECKING, Iterator, Optional
 
+from . import address as addr
+
 if TYPE_CHECKING:
     from .cache import VerdictCache
 
@@ -15,7 +17,10 @@ log = logging.getLogger("scam-back")
 
 MAX_LINE = 1024      # an address is at most 254 octets; longer lines are garbage
 _UNSAFE = re.compile(rb"[\x00-\x1f<>]")
-USUAL_LINE = re.compile(rb"([01]) ([^\x00-\x20<>]{1,254}) (\d{1,15})\s*")
+# The common line, its address already in the normal form the verifier looks up (as
+# address.SIMPLE, with no brackets or trailing dot), the expiry optional as in the original's.
+USUAL_LINE = re.compile(rb"([01]) ([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9-]{1,63}"
+                        rb"(?:\.[A-Za-z0-9-]{1,63}){0,126})(?: (\d{1,15}))?\s*")
 
 
 def bounded_lines(handle) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
@@ -57,7 +62,12 @@ def fsync_dir(directory: str) -> None:
 
 
 def parse_line(raw: bytes) -> Optional[tuple[str, bool, Optional[float]]]:
-    """`CODE ADDRESS [EXPIRY]` -> (address, valid, expiry or None); None if malformed."""
+    """`CODE ADDRESS [EXPIRY]` -> (address in its normal form, valid, expiry or None); None if
+    malformed or not an address scam-back could have verified (no domain, an address literal).
+
+    Every cached key must be an address in the form the verifier normalises to: its hot path
+    answers an RCPT text that equals a key without parsing it again.
+    """
     fields = raw.split()
     if len(fields) not in (2, 3) or fields[0] not in (b"0", b"1"):
         return None
@@ -69,7 +79,13 @@ def parse_line(raw: bytes) -> Optional[tuple[str, bool, Optional[float]]]:
         if not fields[2].isdigit():
             return None
         expiry = float(fields[2])
-    return address.decode("utf-8", "surrogateescape"), fields[0] == b"0", expiry
+    try:
+        parsed = addr.parse(address.decode("utf-8", "surrogateescape"))
+    except addr.AddressError:
+        return None
+    if not parsed.domain or parsed.is_literal:
+        return None
+    return parsed.text, fields[0] == b"0", expiry
 
 
 def load_file(cache: "VerdictCache", path: Optional[str]) -> None:

@@ -6,7 +6,6 @@ import ipaddress
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from dataclasses import replace
 from typing import Callable, NamedTuple, Optional, TypeVar
 
@@ -31,7 +30,6 @@ log = logging.getLogger("scam-back")
 T = TypeVar("T")
 
 
-HOT_MAX = 50_000            # RCPT texts remembered for the hot path (about 10 MB)
 MEMO_MAX = 10_000           # domains or clients remembered before the memo starts over
 
 
@@ -53,16 +51,8 @@ class CachedAnswers(NamedTuple):
 
     valid: Verdict
     invalid: Verdict
-    valid_tail: bytes           # the log line after "rcpt=<...> "
-    invalid_tail: bytes
-
-
-class HotAddress(NamedTuple):
-    """An RCPT text that the hot path can answer: its cache key and its route's answers."""
-
-    key: str
-    shown: bytes                # b"rcpt=<address> " for its log line
-    answers: CachedAnswers
+    valid_tail: str             # the log line after "rcpt=<...> "
+    invalid_tail: str
 
 
 def remember(memo: dict, key: object, value: T) -> T:
@@ -77,9 +67,7 @@ def cached_answers(label: str, dry_run: bool = False) -> CachedAnswers:
     """The CachedAnswers of a route with this backend label."""
     valid = Verdict(Kind.VALID, "cache", label, "cached")
     invalid = Verdict(Kind.INVALID, "cache", label, "cached")
-    tails = [verdict_line("", "", v, dry_run).split("rcpt=<> ", 1)[1].encode("utf-8",
-                                                                            "backslashreplace")
-             for v in (valid, invalid)]
+    tails = [verdict_line("", "", v, dry_run).split("rcpt=<> ", 1)[1] for v in (valid, invalid)]
     return CachedAnswers(valid, invalid, *tails)
 
 
@@ -144,8 +132,7 @@ class Verifier:
         self.pool.idle_timeout, self.pool.max_idle = config.idle_timeout, config.max_probes
         self.skip_daemons = frozenset(d.lower() for d in config.skip_daemons)
         self.skip_recipients = frozenset(r.lower() for r in config.skip_recipients)
-        self._domains: dict[str, Optional[CachedAnswers]] = {}     # domain as written -> answers
-        self._hot: "OrderedDict[str, HotAddress]" = OrderedDict()  # RCPT text -> what it means
+        self._domains: dict[str, Optional[CachedAnswers]] = {}     # domain -> answers
         self._skip_memo: dict[tuple[Optional[str], Optional[str]], str] = {}
 
     def skip_client(self, ip: Optional[str], daemon_name: Optional[str]) -> str:
@@ -179,19 +166,30 @@ class Verifier:
 
     def verify(self, raw: str, qid: str = "") -> Verdict:
         """The verdict for one RCPT address, logged as one line."""
-        # The hot path: an everyday address in a routed domain, with a fresh cached verdict.
-        hot = self._hot.get(raw) or self._hot_entry(raw)
-        if hot is not None:
-            fresh = self.cache.fresh(hot.key)
+        # The hot path: the RCPT text, lower-cased, is a cache key with a fresh verdict. Only
+        # addresses in their normal form (parsed, or checked as the cache file loads) are ever
+        # cached, so a hit is an everyday address the slow path would look up under that same
+        # key. ASCII only: Unicode case folding could turn some other text into a key.
+        text = raw[1:-1] if raw[:1] == "<" and raw[-1:] == ">" else raw
+        if text.isascii():
+            key = text.lower()
+            fresh = self.cache.fresh(key)
             if fresh is not None:
-                answers = hot.answers
-                logmod.verdict_bytes(b"qid=%s %s%s" % (
-                    qid.encode() if qid else b"-", hot.shown,
-                    answers.valid_tail if fresh else answers.invalid_tail))
-                (self._hit_valid if fresh else self._hit_invalid)()
-                if fresh == DUE:
-                    self.refresher.due(raw)     # after the answer, in the background
-                return answers.valid if fresh else answers.invalid
+                local, _, domain = key.rpartition("@")
+                answers = self._domains.get(domain) or self._answers_for(domain)
+                if answers is not None and not (self.skip_recipients and
+                                                self.skipped_recipient(local, key)):
+                    line = (f"qid={qid or '-'} rcpt=<{text}> "
+                            f"{answers.valid_tail if fresh else answers.invalid_tail}").encode()
+                    append = logmod._fast_append       # the daemon's queue: no call in between
+                    if append is not None:
+                        append(line)
+                    else:
+                        logmod.verdict_bytes(line)
+                    (self._hit_valid if fresh else self._hit_invalid)()
+                    if fresh == DUE:
+                        self.refresher.due(raw)     # after the answer, in the background
+                    return answers.valid if fresh else answers.invalid
         start = time.monotonic()
         verdict = self._decide(raw, start)
         verdict = verdict._replace(ms=int((time.monotonic() - start) * 1000))
@@ -211,43 +209,17 @@ class Verifier:
         else:
             self.stats.count("unverified", verdict.why or "backend")
 
-    def _hot_entry(self, raw: str) -> Optional[HotAddress]:
-        """What an everyday address means for the hot path (None: take the slow path), memoised."""
-        memo = self._hot
-        simple = addr.split_simple(raw)
-        if simple is None:
-            return None
-        local, domain = simple
-        answers = self._answers_for(domain)
-        if answers is None:
-            return None
-        key = f"{local}@{domain}".lower()
-        if self.skipped_recipient(local, key):
-            return None
-        hot = HotAddress(key, b"rcpt=<%s> " % raw.strip("<>").encode(), answers)
-        if len(memo) >= HOT_MAX:
-            # More addresses in use than the memo holds: remembering every one would only churn
-            # it. A fixed eighth of them (by hash) takes turns; the rest are worked out each time.
-            if hash(raw) & 7:
-                return hot
-            try:
-                memo.popitem(last=False)       # the oldest: no pause to clear them all
-            except KeyError:
-                pass
-        memo[raw] = hot
-        return hot
-
     def skipped_recipient(self, local: str, key: str) -> bool:
         """True if BackSkipRecipient names the local part or the (lower-cased) address."""
         skip = self.skip_recipients
         return bool(skip) and (local.lower() in skip or key in skip)
 
     def _answers_for(self, domain: str) -> Optional[CachedAnswers]:
-        """The cached-verdict answers of a domain's route (None: not routed), memoised."""
+        """The cached-verdict answers of a domain's route (None: not verified), memoised."""
         memo = self._domains
         answers = memo.get(domain, False)
         if answers is False:
-            route = self.router.route(domain)
+            route = self.route_of(addr.Address("", domain))
             answers = remember(memo, domain, None if route is None else
                                cached_answers(route.label, self.config.dry_run))
         return answers  # type: ignore[return-value]

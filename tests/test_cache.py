@@ -211,6 +211,38 @@ def test_loaded_addresses_are_case_insensitive(tmp_path):
     assert cache.get("bad@example.net").valid is False
 
 
+def test_loaded_addresses_are_kept_in_the_form_the_verifier_looks_up(tmp_path):
+    """The verifier answers an RCPT text equal to a key without parsing it again, so every key
+    loaded must be an address in its normal form; what cannot be one is skipped as malformed."""
+    path = tmp_path / "backscatter.txt"
+    path.write_text(f"0 Dot@Example.NET. {int(WALL + 50)}\n"      # trailing dot: normalised
+                    "0 @relay.test:routed@example.net\n"          # source route: dropped
+                    "1 \"quoted\"@example.net\n"                 # unusual, but an address
+                    "0 user@[192.0.2.1]\n"                         # literal: never verified
+                    "0 @example.net\n"                             # no local part
+                    "0 user@\n"                                    # no domain
+                    "0 a@b@example.net\n"                          # as the parser reads it
+                    "1 plain@example.net\n")
+    cache = make()
+    assert cache.load(str(path)) == LoadResult(loaded=5, expired=0, malformed=3)
+    assert sorted(line.split()[1] for line in cache.dump_lines()) == [
+        '"quoted"@example.net', "a@b@example.net", "dot@example.net", "plain@example.net",
+        "routed@example.net"]
+
+
+def test_both_line_forms_load_through_the_quick_pattern_and_the_careful_one_alike(tmp_path):
+    """Lines the one-regex fast path takes and lines it leaves to the full parser agree."""
+    long_local = "l" * 70                                          # past the quick pattern's 64
+    path = tmp_path / "backscatter.txt"
+    path.write_text(f"0 usual@example.net {int(WALL + 50)}\n0 {long_local}@example.net "
+                    f"{int(WALL + 50)}\n1 noexpiry@example.net\n")
+    cache = make(valid_ttl=100, invalid_ttl=10)
+    assert cache.load(str(path)).loaded == 3
+    assert cache.get("usual@example.net").expires_in == pytest.approx(50, abs=1)
+    assert cache.get(f"{long_local}@example.net").expires_in == pytest.approx(50, abs=1)
+    assert cache.get("noexpiry@example.net").expires_in == pytest.approx(10)
+
+
 def test_expired_entries_are_not_saved(tmp_path):
     clock = FakeClock(5000.0)
     cache = make(valid_ttl=100, invalid_ttl=10, clock=clock)
