@@ -8,13 +8,14 @@ every RCPT) is driven the same way in the same run, cell by cell. The load comes
 client processes (threads inside each), and their CPU is reported: on 2 cores the client shares
 the machine with the milter, so the ratios are the meaningful numbers.
 
-    .venv/bin/python bench/milter_load.py [--seconds 5] [--sizes 1000,1000000] [--conns 1,10,50]
+    .venv/bin/python bench/milter_load.py [--seconds 3] [--repeat 4] [--sizes 1000,1000000] [--conns 1,10,50]
     .venv/bin/python bench/milter_load.py --quick      # N=1000, C=1 and 10, 2 s per cell
 """
 
 from __future__ import annotations
 
 import argparse
+from statistics import median
 
 from common import (print_notes, run_main, CORES, AcceptAllBackend, BenchDaemon, LoadSpec, NullMilterProcess,
                     cache_max_for, daemon_conf, fmt, machine_line, protocol_text, ratio, run_load,
@@ -23,15 +24,15 @@ from common import (print_notes, run_main, CORES, AcceptAllBackend, BenchDaemon,
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per cell")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per run")
     parser.add_argument("--warmup", type=float, default=0.5, help="uncounted start of each cell")
     parser.add_argument("--sizes", default="1000,1000000", help="cache sizes N")
     parser.add_argument("--conns", default="1,10,50", help="concurrent milter connections C")
     parser.add_argument("--procs", type=int, default=0, help="client processes (0: about C/10)")
     parser.add_argument("--rcpts", type=int, default=5, help="recipients per transaction")
     parser.add_argument("--repeat", type=int, default=None,
-                        help="runs per milter and cell, alternating ABBA; the best run is shown "
-                             "(default 2; 1 with --quick)")
+                        help="runs per milter and cell, alternating ABBA; medians are shown "
+                             "(default 4; 1 with --quick)")
     parser.add_argument("--tx-per-conn", type=int, default=0,
                         help="transactions per milter connection (0: one connection per run)")
     parser.add_argument("--end", choices=("eom", "abort"), default="eom")
@@ -41,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.quick:
         args.sizes, args.conns, args.seconds = "1000", "1,10", 2.0
     if args.repeat is None:
-        args.repeat = 1 if args.quick else 2
+        args.repeat = 1 if args.quick else 4
     args.sizes = [int(v) for v in str(args.sizes).split(",") if v]
     args.conns = [int(v) for v in str(args.conns).split(",") if v]
     return args
@@ -88,20 +89,28 @@ def main(argv: list[str]) -> int:
                                 f"client {result.client_cpu / args.seconds:.2f} cores")
                     cell = {}
                     for name in ("do-nothing", "scam-back"):
-                        best = cell[name] = max(runs[name], key=lambda r: r.rate)
-                        misses = sum(r.misses for r in runs[name])  # type: ignore[attr-defined]
-                        problems = sum(r.not_continue + len(r.errors) for r in runs[name]) + misses
-                        rows.append([f"{size:,}", conns, name, f"{best.rate:,.0f}",
-                                     " / ".join(f"{r.rate:,.0f}" for r in runs[name]),
-                                     fmt(best.pct_ms(50)), fmt(best.pct_ms(99)),
-                                     fmt(best.pct_ms(99.9)), fmt(best.max_ms, 1),
-                                     fmt(best.watched_cpu.get("milter", 0) / args.seconds),
-                                     fmt(best.client_cpu / args.seconds), f"{best.procs}",
-                                     fmt(max(0.0, best.system_busy * CORES - (
-                                         best.watched_cpu.get("milter", 0) + best.client_cpu)
-                                         / args.seconds)),
+                        done = runs[name]
+                        cell[name] = medians = {
+                            "rate": median(r.rate for r in done),
+                            "p50": median(r.pct_ms(50) for r in done),
+                            "p99": median(r.pct_ms(99) for r in done),
+                            "p99.9": median(r.pct_ms(99.9) for r in done)}
+                        misses = sum(r.misses for r in done)  # type: ignore[attr-defined]
+                        problems = sum(r.not_continue + len(r.errors) for r in done) + misses
+                        rows.append([f"{size:,}", conns, name, f"{medians['rate']:,.0f}",
+                                     " / ".join(f"{r.rate:,.0f}" for r in done),
+                                     fmt(medians["p50"]), fmt(medians["p99"]),
+                                     " / ".join(fmt(r.pct_ms(99)) for r in done),
+                                     fmt(medians["p99.9"]), fmt(max(r.max_ms for r in done), 1),
+                                     fmt(median(r.watched_cpu.get("milter", 0) for r in done)
+                                         / args.seconds),
+                                     fmt(median(r.client_cpu for r in done) / args.seconds),
+                                     f"{done[0].procs}",
+                                     fmt(median(max(0.0, r.system_busy * CORES - (
+                                         r.watched_cpu.get("milter", 0) + r.client_cpu)
+                                         / args.seconds) for r in done)),
                                      problems])
-                        for r in runs[name]:
+                        for r in done:
                             for error in r.errors[:3]:
                                 notes.append(f"N={size:,} C={conns} {name}: {error}")
                             if r.not_continue:
@@ -110,9 +119,8 @@ def main(argv: list[str]) -> int:
                             notes.append(f"N={size:,} C={conns} {name}: {misses} RCPTs reached the "
                                          "backend (cache misses)")
                     sb, nm = cell["scam-back"], cell["do-nothing"]
-                    ratios.append([f"{size:,}", conns, ratio(sb.rate, nm.rate),
-                                   ratio(sb.pct_ms(50), nm.pct_ms(50)),
-                                   ratio(sb.pct_ms(99), nm.pct_ms(99))])
+                    ratios.append([f"{size:,}", conns, ratio(sb["rate"], nm["rate"]),
+                                   ratio(sb["p50"], nm["p50"]), ratio(sb["p99"], nm["p99"])])
             finally:
                 say("  stopping scam-back (saves its cache)")
                 daemon.stop()
@@ -122,11 +130,12 @@ def main(argv: list[str]) -> int:
 
     print("## milter_load: cached RCPT decisions, scam-back vs do-nothing pymilter milter\n")
     print(f"{machine_line()}; {args.seconds:g} s per run after {args.warmup:g} s warm-up, "
-          f"{args.repeat} run(s) per milter and cell (ABBA order; the row shows the best run, "
-          "its latencies and CPU); "
+          f"{args.repeat} run(s) per milter and cell in ABBA order; each figure is the median "
+          "of the runs (max ms: the largest); "
           f"{args.rcpts} RCPTs per transaction, then {args.end}; unix sockets; scam-back "
           f"LogLevel {args.log_level}.\n")
-    print(table(["N cached", "C", "milter", "RCPT/s (best)", "each run", "p50 ms", "p99 ms", "p99.9 ms", "max ms",
+    print(table(["N cached", "C", "milter", "RCPT/s", "each run", "p50 ms", "p99 ms", "each run",
+                 "p99.9 ms", "max ms",
                  "milter CPU", "client CPU", "client procs", "other CPU", "errors/misses"], rows))
     print()
     print("CPU columns are cores (of %d) used during the window: the milter process, the load "
