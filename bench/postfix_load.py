@@ -8,7 +8,7 @@ of 5 recipients (rcpt@, 2rcpt@ ... 5rcpt@example.net, all in scam-back's cache) 
 The three ways alternate for --rounds rounds; the median is reported. Postfix's own throttles are
 off: smtpd_hard_error_limit raised, smtpd_error_sleep_time and in_flow_delay 0.
 
-    .venv/bin/python bench/postfix_load.py [--messages 2000] [--sessions 20] [--rounds 3]
+    .venv/bin/python bench/postfix_load.py [--messages 2000] [--sessions 20] [--rounds 5]
     .venv/bin/python bench/postfix_load.py --quick
 """
 
@@ -109,7 +109,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sessions", type=int, default=20, help="parallel SMTP sessions")
     parser.add_argument("--rcpts", type=int, default=5, help="recipients per message")
     parser.add_argument("--size", type=int, default=0, help="smtp-source -l payload bytes (0: default)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median counts")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median counts")
     parser.add_argument("--cache-entries", type=int, default=1000,
                         help="other entries in scam-back's cache besides the 5 recipients")
     parser.add_argument("--log-level", default="info", help="scam-back LogLevel")
