@@ -414,7 +414,9 @@ def _connection_thread(spec: LoadSpec, wid: int, tid: int, opened_barrier: threa
                     client = _open(spec, wid, tid)
                     opened += 1
                     done_here = 0
-                client.mail("<sender@example.org>", macros={"{mail_addr}": "sender@example.org"})
+                # As Postfix and sendmail do, the queue id comes with MAIL FROM.
+                client.mail("<sender@example.org>", macros={
+                    "{mail_addr}": "sender@example.org", "i": f"{wid:X}Q{tid:X}Q{transactions:X}"})
                 for _ in range(spec.rcpts):
                     rcpt = next_rcpt()
                     sent = monotonic()
