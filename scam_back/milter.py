@@ -22,6 +22,8 @@ SLOWDOWN_STEP = 0.25        # seconds added per unknown recipient past half the 
 SLOWDOWN_MAX = 2.0
 SYNTAX_TEXT = "Bad recipient address syntax"
 ALL_INVALID_TEXT = "No valid recipients"
+# Module names for the kinds read on every RCPT: an Enum class attribute costs 40 ns to look up.
+VALID, SKIPPED, INVALID, BAD_SYNTAX = Kind.VALID, Kind.SKIPPED, Kind.INVALID, Kind.BAD_SYNTAX
 
 
 def _guarded(callback: Callable[..., int]) -> Callable[..., int]:
@@ -117,11 +119,11 @@ class ScamBackMilter(Milter.Base):
             self.qid = self.getsymval("i") or ""
         verdict = self.verifier.verify(rcpt, self.qid)
         kind = verdict.kind
-        if kind is Kind.VALID or kind is Kind.SKIPPED or self.dry_run:
+        if kind is VALID or kind is SKIPPED or self.dry_run:
             # BackDryRun: the verdict was logged and counted; nothing is enforced.
             self.others += 1
             return Milter.CONTINUE
-        if kind is Kind.INVALID:
+        if kind is INVALID:
             if self.too_many_unknown():
                 return Milter.TEMPFAIL
             if self.config.bitbucket:
@@ -130,7 +132,7 @@ class ScamBackMilter(Milter.Base):
                 return Milter.CONTINUE
             self.setreply("550", "5.1.1", self.config.reject_text)
             return Milter.REJECT
-        if kind is Kind.BAD_SYNTAX:
+        if kind is BAD_SYNTAX:
             self.setreply("550", "5.1.3", SYNTAX_TEXT)
             return Milter.REJECT
         result = self.trouble()
