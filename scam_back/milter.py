@@ -95,25 +95,26 @@ class ScamBackMilter(Milter.Base):
         return Milter.CONTINUE
 
     def envrcpt_bytes(self, to: bytes, *params: bytes) -> int:
-        """pymilter's entry point: decode only the address (the ESMTP parameters go unused)."""
+        """pymilter's entry point: the address is {rcpt_addr}; the RCPT argument is decoded only
+        when the MTA sent no such macro (the ESMTP parameters go unused)."""
         try:
-            return self.recipient(to.decode("utf-8", "surrogateescape"))
+            return self.recipient(self.getsymval("{rcpt_addr}") or
+                                  to.decode("utf-8", "surrogateescape"))
         except Exception:
             log.exception("internal error in envrcpt; answered like backend trouble")
             return self.trouble()
 
     @_guarded
     def envrcpt(self, to: str, *params: str) -> int:
-        return self.recipient(to)
+        return self.recipient(self.getsymval("{rcpt_addr}") or to)
 
-    def recipient(self, to: str) -> int:
+    def recipient(self, rcpt: str) -> int:
         """The answer to one RCPT TO (the hot path: a cached verdict costs a dict lookup or two)."""
         if self.authenticated or self.probe_transaction:
             self.others += 1
             self.verifier.stats.count("skipped", "authenticated sender" if self.authenticated
                                       else "probe sender")
             return Milter.CONTINUE
-        rcpt = self.getsymval("{rcpt_addr}") or to
         if not self.qid:
             # Postfix may name the queue file only once a first recipient is accepted.
             self.qid = self.getsymval("i") or ""
