@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import threading
@@ -90,6 +91,7 @@ class VerdictCache:
             self.invalid_max = max(1, min(invalid_max, max_entries // 2))
             self.valid_max = max(1, max_entries - self.invalid_max)
         self.clock, self.wallclock = clock, wallclock
+        self._tick = itertools.count().__next__     # atomic: one C call
         count = SHARDS if max_entries >= SHARD_FROM else 1
         # Keys never spread quite evenly: shards get 5% slack so a full cache loses no entry to
         # an unlucky shard, and the whole stays within 5% of BackCacheMax.
@@ -156,11 +158,11 @@ class VerdictCache:
         now = self.clock()
         if expires <= now:
             return None
-        # LRU order, sampled: one hit in eight (by the clock's microseconds) moves the entry to
-        # the young end, so an address in use still gets moved often, while most hits skip the
+        # LRU order, sampled: one hit in eight (by a shared counter) moves the entry to the
+        # young end, so an address in use still gets moved often, while most hits skip the
         # node updates that dominate a lookup in a big cache. The move is skipped, never
         # waited for, when the lock is busy.
-        if not int(now * 1e6) & 7 and shard.lock.acquire(False):
+        if not self._tick() & 7 and shard.lock.acquire(False):
             try:
                 entries.move_to_end(key)
             except KeyError:            # dropped since it was read
