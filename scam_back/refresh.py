@@ -17,6 +17,7 @@ log = logging.getLogger("scam-back")
 MAX_PENDING = 10_000        # refreshes waiting; past this, the entry is simply asked for later
 WORKERS = 2                 # refreshes in flight (each also takes a BackMaxProbes slot)
 REST = 60.0                 # seconds before a key whose job failed is tried again
+SETTLE = 5.0                # seconds before an address just refreshed can be queued again
 
 
 class Refresher:
@@ -25,10 +26,13 @@ class Refresher:
     def __init__(self, refresh: Callable[[str], bool], workers: int = WORKERS,
                  max_pending: int = MAX_PENDING, clock: Callable[[], float] = time.monotonic) -> None:
         self._refresh, self.workers, self.max_pending = refresh, workers, max_pending
-        self._queue: "collections.deque[tuple[str, Callable[[], None]]]" = collections.deque()
+        self._queue: "collections.deque[tuple[str, Callable[[], object], float]]" = \
+            collections.deque()
         self._pending: set[str] = set()
         # Keys whose job failed (a backend in trouble): not asked again until then, or every hit
-        # on a due entry would probe a backend that cannot answer.
+        # on a due entry would probe a backend that cannot answer. Refreshes just done rest a
+        # few seconds too: a thread that read the old entry as the job stored the new one would
+        # ask again.
         self._resting: dict[str, float] = {}
         self.clock = clock
         self._cond = threading.Condition()
@@ -38,11 +42,11 @@ class Refresher:
 
     def due(self, raw: str) -> bool:
         """Ask for a refresh of an RCPT address; False if it is already queued or the queue is full."""
-        return self.submit(raw, lambda: self._refresh(raw))
+        return self.submit(raw, lambda: self._refresh(raw), settle=SETTLE)
 
-    def submit(self, key: str, job: Callable[[], object]) -> bool:
+    def submit(self, key: str, job: Callable[[], object], settle: float = 0.0) -> bool:
         """Run job in the background unless one with this key is queued, running or resting
-        after a failure (job returned False)."""
+        after a failure (job returned False), or for `settle` seconds after a success."""
         with self._cond:
             if key in self._pending or len(self._pending) >= self.max_pending or self._stopped:
                 return False
@@ -52,7 +56,7 @@ class Refresher:
                     return False
                 del self._resting[key]
             self._pending.add(key)
-            self._queue.append((key, job))
+            self._queue.append((key, job, settle))
             if not self._started:
                 self._started = True
                 for number in range(self.workers):
@@ -67,7 +71,7 @@ class Refresher:
                     self._cond.wait()
                 if self._stopped:
                     return
-                key, job = self._queue.popleft()
+                key, job, settle = self._queue.popleft()
                 self._busy += 1
             done = False
             try:
@@ -78,10 +82,11 @@ class Refresher:
                 with self._cond:
                     self._busy -= 1
                     self._pending.discard(key)
-                    if not done:
+                    rest = settle if done else REST
+                    if rest:
                         if len(self._resting) >= self.max_pending:
                             self._resting.clear()
-                        self._resting[key] = self.clock() + REST
+                        self._resting[key] = self.clock() + rest
                     self._cond.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:

@@ -73,6 +73,18 @@ def test_many_uses_of_a_due_entry_cost_one_refresh(verifier, backend, clock):
     assert rcpts(backend, "good@example.net") == 2
 
 
+def test_an_address_just_refreshed_is_not_queued_again_by_a_late_asker(verifier, backend, clock):
+    """A thread that read the old, due entry just before the refresh stored the new one asks
+    for a refresh after it is done: that must not cost the backend a second RCPT."""
+    verifier.verify("<good@example.net>")
+    clock[0] += VALID_TTL * 0.95
+    verifier.verify("<good@example.net>")
+    assert verifier.refresher.wait_idle(5)
+    assert verifier.refresher.due("<good@example.net>") is False
+    assert verifier.refresher.wait_idle(5)
+    assert rcpts(backend, "good@example.net") == 2
+
+
 def test_a_4xx_refresh_keeps_the_old_entry(verifier, backend, clock):
     verifier.verify("<good@example.net>")
     clock[0] += VALID_TTL * 0.95
