@@ -8,7 +8,7 @@ every RCPT) is driven the same way in the same run, cell by cell. The load comes
 client processes (threads inside each), and their CPU is reported: on 2 cores the client shares
 the machine with the milter, so the ratios are the meaningful numbers.
 
-    .venv/bin/python bench/milter_load.py [--seconds 3] [--repeat 4] [--sizes 1000,1000000] [--conns 1,10,50]
+    .venv/bin/python bench/milter_load.py [--seconds 3] [--repeat 6] [--sizes 1000,1000000] [--conns 1,10,50]
     .venv/bin/python bench/milter_load.py --quick      # N=1000, C=1 and 10, 2 s per cell
 """
 
@@ -32,7 +32,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rcpts", type=int, default=5, help="recipients per transaction")
     parser.add_argument("--repeat", type=int, default=None,
                         help="runs per milter and cell, alternating ABBA; medians are shown "
-                             "(default 4; 1 with --quick)")
+                             "(default 6; 1 with --quick)")
     parser.add_argument("--tx-per-conn", type=int, default=0,
                         help="transactions per milter connection (0: one connection per run)")
     parser.add_argument("--end", choices=("eom", "abort"), default="eom")
@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.quick:
         args.sizes, args.conns, args.seconds = "1000", "1,10", 2.0
     if args.repeat is None:
-        args.repeat = 1 if args.quick else 4
+        args.repeat = 1 if args.quick else 6
     args.sizes = [int(v) for v in str(args.sizes).split(",") if v]
     args.conns = [int(v) for v in str(args.conns).split(",") if v]
     return args
