@@ -87,7 +87,12 @@ def parse(raw: str) -> Address:
     text = raw.strip(" ")
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1]
-    text = SOURCE_ROUTE.sub("", text)
+    routed = SOURCE_ROUTE.sub("", text)
+    if routed != text and routed.startswith("@"):
+        # "@a:@b:user@d" (routes are joined by commas): what is left is no address, and
+        # taking "@b:user" for a local part would give a text that parses differently again.
+        raise AddressError("malformed source route")
+    text = routed
     if "<" in text or ">" in text:
         raise AddressError("angle bracket inside the address")
     if not text:

@@ -83,7 +83,7 @@ def parse_line(raw: bytes) -> Optional[tuple[str, bool, Optional[float]]]:
         parsed = addr.parse(address.decode("utf-8", "surrogateescape"))
     except addr.AddressError:
         return None
-    if not parsed.domain or parsed.is_literal:
+    if not parsed.domain or parsed.is_literal or addr.parse(parsed.text).text != parsed.text:
         return None
     return parsed.text, fields[0] == b"0", expiry
 

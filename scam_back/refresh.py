@@ -84,10 +84,18 @@ class Refresher:
                     self._pending.discard(key)
                     rest = settle if done else REST
                     if rest:
-                        if len(self._resting) >= self.max_pending:
-                            self._resting.clear()
-                        self._resting[key] = self.clock() + rest
+                        self._rest(key, rest)
                     self._cond.notify_all()
+
+    def _rest(self, key: str, seconds: float) -> None:
+        """Hold key back for seconds (under the lock); when the table is full, rests that are
+        over go first, so a flood of refreshes cannot cut a failed key's rest short."""
+        now = self.clock()
+        if len(self._resting) >= self.max_pending:
+            self._resting = {k: until for k, until in self._resting.items() if until > now}
+            if len(self._resting) >= self.max_pending:
+                self._resting.clear()
+        self._resting[key] = now + seconds
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is queued or running (tests, shutdown); True if so in time."""

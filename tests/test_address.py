@@ -129,3 +129,31 @@ def test_empty_local_part_is_refused():
 def test_unbalanced_quote_is_refused():
     with pytest.raises(AddressError):
         parse('"john@example.net')
+
+
+@pytest.mark.parametrize("raw", ["<@x.test:@y.test:user@example.net>", "@x:@example.net"])
+def test_routes_joined_by_colons_are_refused(raw):
+    """RFC 5321 joins routes with commas; "@b:user" left over is no local part."""
+    with pytest.raises(AddressError):
+        parse(raw)
+
+
+def test_parsing_the_text_of_a_parsed_address_gives_it_back_and_case_does_not_matter():
+    """The verifier answers an RCPT text equal to a cache key without parsing it, which is only
+    right if the normal form is a fixed point of parse (and lower-casing commutes with it)."""
+    import random
+    pieces = list('aZ09.-_"\\%!@:,[]+=/ ') + ["@x:", "@y,@z:", '"@"', "..", "Example.NET", "."]
+    ends = ["@example.net", "@Ex.net.", "", "@", "@[192.0.2.1]", "@x.test..", ">"]
+    chooser = random.Random(5321)
+    checked = 0
+    for _ in range(30_000):
+        raw = "".join(chooser.choice(pieces) for _ in range(chooser.randint(1, 10)))
+        raw = chooser.choice(["", "<"]) + raw + chooser.choice(ends)
+        try:
+            text = parse(raw).text
+        except AddressError:
+            continue
+        checked += 1
+        assert parse(text).text == text, raw
+        assert parse(text.lower()).text.lower() == text.lower(), raw
+    assert checked > 1000

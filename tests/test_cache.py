@@ -222,9 +222,10 @@ def test_loaded_addresses_are_kept_in_the_form_the_verifier_looks_up(tmp_path):
                     "0 @example.net\n"                             # no local part
                     "0 user@\n"                                    # no domain
                     "0 a@b@example.net\n"                          # as the parser reads it
+                    "0 @x.test:@y.test:user@example.net\n"         # routes joined by colons
                     "1 plain@example.net\n")
     cache = make()
-    assert cache.load(str(path)) == LoadResult(loaded=5, expired=0, malformed=3)
+    assert cache.load(str(path)) == LoadResult(loaded=5, expired=0, malformed=4)
     assert sorted(line.split()[1] for line in cache.dump_lines()) == [
         '"quoted"@example.net', "a@b@example.net", "dot@example.net", "plain@example.net",
         "routed@example.net"]

@@ -265,6 +265,24 @@ def test_a_failed_background_probe_rests_before_it_is_tried_again():
         refresher.stop()
 
 
+def test_a_full_rest_table_drops_finished_rests_before_a_failed_key_loses_its_own():
+    from scam_back.refresh import REST, SETTLE, Refresher
+    now = [0.0]
+    refresher = Refresher(lambda raw: True, max_pending=4, clock=lambda: now[0])
+    try:
+        assert refresher.submit("down", lambda: False)
+        assert refresher.wait_idle(5)
+        now[0] += SETTLE + 1
+        for number in range(6):                       # refreshes that succeed fill the table
+            assert refresher.due(f"ok{number}@example.net")
+            assert refresher.wait_idle(5)
+            now[0] += SETTLE + 1
+        assert now[0] < REST
+        assert not refresher.submit("down", lambda: False)     # still resting
+    finally:
+        refresher.stop()
+
+
 def test_a_flood_of_subdomains_costs_one_accept_all_check(backend, clock, accept_all_verifier):
     verifier = accept_all_verifier(backend, clock)
     verifier.router.subdomains = True

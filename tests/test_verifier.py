@@ -453,7 +453,9 @@ def test_the_hot_path_answers_every_text_as_the_slow_path_would(backend):
              "<@relay.test:user@example.net>", '"ab"@example.net', '<"AB"@Example.net>',
              "a@b@example.net", "x@elsewhere.test", "user@[192.0.2.1]", "user", "<>",
              "us\u212aer@example.net",          # KELVIN SIGN: lower() makes it "usker@..."
-             "<abuse@example.net>", "user@sub.example.net", " <user@example.net>"]
+             "<abuse@example.net>", "user@sub.example.net", " <user@example.net>",
+             "<@a.test:@x.test:user@example.net>", "<@x.test:user@example.net>",
+             "<@x.test:@example.net>"]
     for text in texts:
         slow = verifier._decide(text, time.monotonic())
         fast = verifier.verify(text)
