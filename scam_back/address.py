@@ -10,7 +10,10 @@ MAX_ADDRESS_OCTETS = 254            # RFC 5321 path limit (256) less the angle b
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 SOURCE_ROUTE = re.compile(r"^@[^:,]+(?:,@[^:,]+)*:")
 # The everyday address: unquoted dot-atom local part, plain domain. Parsed without the slow path.
-SIMPLE = re.compile(r"<?([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)\.?>?")
+# (cachefile's quick line pattern is built from the same pieces.)
+ATOM_CHARS = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]"
+LABEL_CHARS = r"[A-Za-z0-9-]"
+SIMPLE = re.compile(rf"<?({ATOM_CHARS}+)@({LABEL_CHARS}+(?:\.{LABEL_CHARS}+)*)\.?>?")
 
 
 class AddressError(ValueError):

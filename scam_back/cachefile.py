@@ -19,8 +19,9 @@ MAX_LINE = 1024      # an address is at most 254 octets; longer lines are garbag
 _UNSAFE = re.compile(rb"[\x00-\x1f<>]")
 # The common line, its address already in the normal form the verifier looks up (as
 # address.SIMPLE, with no brackets or trailing dot), the expiry optional as in the original's.
-USUAL_LINE = re.compile(rb"([01]) ([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9-]{1,63}"
-                        rb"(?:\.[A-Za-z0-9-]{1,63}){0,126})(?: (\d{1,15}))?\s*")
+_ATOM, _LABEL = addr.ATOM_CHARS.encode(), addr.LABEL_CHARS.encode()
+USUAL_LINE = re.compile(rb"([01]) (" + _ATOM + rb"{1,64}@" + _LABEL + rb"{1,63}(?:\." + _LABEL +
+                        rb"{1,63}){0,126})(?: (\d{1,15}))?\s*")
 
 
 def bounded_lines(handle) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
