@@ -179,13 +179,9 @@ class Verifier:
                 answers = self._domains.get(domain) or self._answers_for(domain)
                 if answers is not None and not (self.skip_recipients and
                                                 self.skipped_recipient(local, key)):
-                    line = (f"qid={qid or '-'} rcpt=<{text}> "
-                            f"{answers.valid_tail if fresh else answers.invalid_tail}").encode()
-                    append = logmod._fast_append       # the daemon's queue: no call in between
-                    if append is not None:
-                        append(line)
-                    else:
-                        logmod.verdict_bytes(line)
+                    logmod.verdict_bytes((f"qid={qid or '-'} rcpt=<{text}> "
+                                          f"{answers.valid_tail if fresh else answers.invalid_tail}"
+                                          ).encode())
                     (self._hit_valid if fresh else self._hit_invalid)()
                     if fresh == DUE:
                         self.refresher.due(raw)     # after the answer, in the background
