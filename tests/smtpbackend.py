@@ -15,11 +15,25 @@ POLL = 0.1  # seconds between checks of a stop flag
 UNKNOWN = '550 5.1.1 <{}>: Recipient address rejected: User unknown'
 
 
+_HELD: dict[int, socket.socket] = {}       # refused ports, bound until released
+
+
 def refused_port(host: str = '127.0.0.1') -> int:
-    """Return a port that (very likely) refuses connections: bound, then closed."""
+    """Return a port that refuses connections: bound but never listening, and held until
+    release_port(), so no listener started later (a backend, Postfix, Redis) is given it."""
     family = socket.AF_INET6 if ':' in host else socket.AF_INET
-    with socket.create_server((host, 0), family=family) as sock:
-        return int(sock.getsockname()[1])
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    port = int(sock.getsockname()[1])
+    _HELD[port] = sock
+    return port
+
+
+def release_port(port: int) -> None:
+    """Free a port from refused_port, so that a server can listen on it."""
+    sock = _HELD.pop(port, None)
+    if sock is not None:
+        sock.close()
 
 
 def _text(raw: bytes) -> str:

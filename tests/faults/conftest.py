@@ -26,7 +26,7 @@ import pytest
 
 from ..conftest import IS_ROOT, RUN_USER, Daemon, user_dir
 from ..milterclient import MilterClient, MilterError, Reply
-from ..smtpbackend import POLL, ScriptedBackend
+from ..smtpbackend import POLL, ScriptedBackend, release_port
 
 CLIENT_IP = "192.0.2.10"
 HELO = "mx.test.example"
@@ -338,6 +338,7 @@ class FixedPortBackend(ScriptedBackend):
         if self._threads:
             raise RuntimeError("already running")
         self._stop.clear()
+        release_port(self.port)             # a port held refused by refused_port()
         listener = socket.create_server((self.host, self.port))
         listener.settimeout(POLL)
         self.port = int(listener.getsockname()[1])
