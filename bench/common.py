@@ -54,15 +54,18 @@ def cached_address(i: int, domain: str = DOMAIN) -> str:
 def write_cache_file(path: str, entries: int, extra: Iterable[str] = (), valid: bool = True,
                      ttl: int = 86400, domain: str = DOMAIN, owner: Optional[str] = RUN_USER) -> float:
     """Write `entries` lines `0 user{i}@domain EXPIRY` (plus `extra` addresses) in the cache file
-    format, fast (chunked joins); owned by the daemon's user. Returns the seconds it took."""
+    format, fast (chunked joins); owned by the daemon's user. Returns the seconds it took.
+
+    Expiries spread over the second half of the TTL, one per second, as a cache filled over
+    hours has them (none is near enough to expiry to be refreshed)."""
     start = time.monotonic()
     code = "0" if valid else "1"
     expiry = int(time.time()) + ttl
-    suffix = f"@{domain} {expiry}\n"
+    spread = max(1, ttl // 2)
     chunk = 200_000
     with open(path, "w", encoding="ascii") as handle:
         for first in range(0, entries, chunk):
-            handle.write("".join([f"{code} user{i}{suffix}"
+            handle.write("".join([f"{code} user{i}@{domain} {expiry - i % spread}\n"
                                   for i in range(first, min(entries, first + chunk))]))
         handle.write("".join(f"{code} {address} {expiry}\n" for address in extra))
     os.chmod(path, 0o600)

@@ -23,6 +23,7 @@ _fast_sinks: list[Callable[[list[bytes]], None]] = []
 _writer: "Optional[_VerdictWriter]" = None
 # The writer's queue append while verdict lines are wanted and queued: one check on the hot path.
 _fast_append: Optional[Callable[[object], None]] = None
+_ONLY_BYTES = {bytes}
 
 
 class QuietSysLogHandler(logging.handlers.SysLogHandler):
@@ -137,7 +138,8 @@ class _VerdictWriter:
         popleft = lines.popleft
         while lines:
             batch = [popleft() for _ in range(min(len(lines), self.CHUNK))]
-            batch = [item if type(item) is bytes else _render(item) for item in batch]
+            if set(map(type, batch)) != _ONLY_BYTES:     # one C pass: most chunks are ready
+                batch = [item if type(item) is bytes else _render(item) for item in batch]
             for sink in _fast_sinks:
                 try:
                     sink(batch)

@@ -98,7 +98,7 @@ class ScamBackMilter(Milter.Base):
         """pymilter's entry point: the address is {rcpt_addr}; the RCPT argument is decoded only
         when the MTA sent no such macro (the ESMTP parameters go unused)."""
         try:
-            return self.recipient(self.getsymval("{rcpt_addr}") or
+            return self.recipient(self._ctx.getsymval("{rcpt_addr}") or
                                   to.decode("utf-8", "surrogateescape"))
         except Exception:
             log.exception("internal error in envrcpt; answered like backend trouble")

@@ -177,8 +177,8 @@ class Verifier:
             if fresh is not None:
                 local, _, domain = key.rpartition("@")
                 answers = self._domains.get(domain) or self._answers_for(domain)
-                if answers is not None and not (self.skip_recipients and
-                                                self.skipped_recipient(local, key)):
+                skip = self.skip_recipients     # skipped_recipient(), inline: key is lower-case
+                if answers is not None and not (skip and (local in skip or key in skip)):
                     logmod.verdict_bytes((f"qid={qid or '-'} rcpt=<{text}> "
                                           f"{answers.valid_tail if fresh else answers.invalid_tail}"
                                           ).encode())

@@ -582,3 +582,28 @@ def test_dump_lines_are_cache_file_lines():
     for line in lines:
         code, address, expiry = line.split()
         assert code in ("0", "1") and "@" in address and expiry.isdigit()
+
+
+# ---- shared expiry seconds ----
+
+def test_entries_expiring_in_the_same_second_share_one_expiry_object(tmp_path):
+    """Expiries are whole seconds, one float object per second: a lookup's expiry read stays in
+    the CPU cache however many entries there are; rounding up never cuts a TTL short."""
+    now = [1000.25]
+    cache = VerdictCache(60, 10, clock=lambda: now[0])
+    cache.put("a@x.test", True)
+    now[0] = 1000.5
+    cache.put("b@x.test", True)
+    shard = cache._shard("a@x.test")
+    assert shard.valid["a@x.test"] == 1061.0
+    assert cache._shard("b@x.test").valid["b@x.test"] is shard.valid["a@x.test"]
+    assert 60 <= cache.peek("a@x.test").expires_in < 61
+    path = tmp_path / "cache"
+    wall = 1_700_000_000
+    path.write_text("".join(f"0 u{i}@x.test {wall + 30}\n" for i in range(50)) + "1 bad@x.test\n")
+    loaded = VerdictCache(60, 10, clock=lambda: now[0], wallclock=lambda: wall + 0.75)
+    loaded.load(str(path))
+    expiries = {id(loaded._shard(f"u{i}@x.test").valid[f"u{i}@x.test"]) for i in range(50)}
+    assert len(expiries) == 1
+    assert loaded.peek("u7@x.test").expires_in == pytest.approx(30, abs=1)
+    assert loaded.peek("bad@x.test").expires_in >= 10
