@@ -614,6 +614,15 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     return "\n".join(out)
 
 
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Move every thread of a process to these CPUs (threads it starts later inherit them)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:             # the thread ended meanwhile
+            pass
+
+
 def machine_line() -> str:
     """One line describing the machine, for the report headers."""
     model = ""

@@ -10,16 +10,22 @@ the machine with the milter, so the ratios are the meaningful numbers.
 
     .venv/bin/python bench/milter_load.py [--seconds 3] [--repeat 6] [--sizes 1000,1000000] [--conns 1,10,50]
     .venv/bin/python bench/milter_load.py --quick      # N=1000, C=1 and 10, 2 s per cell
+    .venv/bin/python bench/milter_load.py --pin        # milters on CPU 0, load on the others
+
+With --pin each milter runs on one CPU and the load client on the rest, as when the MTA has
+CPUs of its own: the GIL then never moves between cores, and the client never preempts a
+thread that holds it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from statistics import median
 
 from common import (print_notes, run_main, CORES, AcceptAllBackend, BenchDaemon, LoadSpec, NullMilterProcess,
-                    cache_max_for, daemon_conf, fmt, machine_line, protocol_text, ratio, run_load,
-                    say, table)
+                    cache_max_for, daemon_conf, fmt, machine_line, pin_process, protocol_text, ratio,
+                    run_load, say, table)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -38,7 +44,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--end", choices=("eom", "abort"), default="eom")
     parser.add_argument("--log-level", default="info", help="scam-back LogLevel")
     parser.add_argument("--quick", action="store_true", help="N=1000, C=1,10, 2 s: a smoke test")
+    parser.add_argument("--pin", action="store_true",
+                        help="run the milters on CPU 0 and the load client on the other CPUs")
     args = parser.parse_args(argv)
+    if args.pin and CORES < 2:
+        parser.error("--pin needs at least 2 CPUs")
     if args.quick:
         args.sizes, args.conns, args.seconds = "1000", "1,10", 2.0
     if args.repeat is None:
@@ -51,8 +61,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     rows, ratios, notes = [], [], []
+    if args.pin:
+        os.sched_setaffinity(0, set(range(1, CORES)))   # inherited by the load processes
     backend = AcceptAllBackend().start()     # counts any cache miss (there should be none)
     null = NullMilterProcess().start()
+    if args.pin:
+        pin_process(null.pid, {0})
     say(f"do-nothing milter ready in {null.ready_s:.2f} s")
     try:
         for size in args.sizes:
@@ -61,6 +75,8 @@ def main(argv: list[str]) -> int:
             daemon = BenchDaemon(conf, cache_entries=size)
             say(f"starting scam-back with {size:,} cached entries")
             daemon.start()
+            if args.pin:
+                pin_process(daemon.pid, {0})
             say(f"  ready in {daemon.ready_s:.2f} s (cache file written in {daemon.cache_write_s:.2f} s), "
                 f"RSS {daemon.rss_mb():.0f} MB")
             notes.append(f"N={size:,}: scam-back ready {daemon.ready_s:.2f} s after exec, "
@@ -128,7 +144,8 @@ def main(argv: list[str]) -> int:
         null.stop()
         backend.stop()
 
-    print("## milter_load: cached RCPT decisions, scam-back vs do-nothing pymilter milter\n")
+    print("## milter_load: cached RCPT decisions, scam-back vs do-nothing pymilter milter"
+          + (", pinned: milters on CPU 0, load client on the others" if args.pin else "") + "\n")
     print(f"{machine_line()}; {args.seconds:g} s per run after {args.warmup:g} s warm-up, "
           f"{args.repeat} run(s) per milter and cell in ABBA order; each figure is the median "
           "of the runs (max ms: the largest); "
