@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import tempfile
 import threading
@@ -16,6 +17,14 @@ from .cachefile import USUAL_LINE, bounded_lines, fsync_dir, parse_line
 VALID, INVALID = 0, 1   # the original's codes in the cache file
 DUE = 2                 # fresh(): valid, with less than a tenth of its TTL left (truthy)
 REFRESH_FRACTION = 0.1
+
+
+def expiry_grain(ttl: float) -> float:
+    """How finely expiries of this TTL are kept: 1 s, or for a TTL under 1024 s the largest
+    power of two of a second within a thousandth of it (a 1 s TTL: 1/1024 s)."""
+    if ttl <= 0:
+        return 1.0
+    return min(1.0, 2.0 ** math.floor(math.log2(ttl / 1024)))
 
 
 class CacheHit(NamedTuple):
@@ -41,7 +50,7 @@ class LoadResult:
 
 SHARDS = 64                 # big caches are split so no single lock hold or copy is long
 SHARD_FROM = 65_536         # caches smaller than this stay one exact-LRU shard
-EXPIRIES_MAX = 262_144      # distinct expiry seconds shared before the table starts over
+EXPIRIES_MAX = 262_144      # distinct expiries shared before the table starts over
 
 
 class _Shard:
@@ -108,19 +117,21 @@ class VerdictCache:
         """The TTLs (at start, and at a reload: entries keep the expiry they were given) and
         the refresh window they imply, kept beside them for the hot path."""
         self.valid_ttl, self.invalid_ttl, self.stale_grace = valid_ttl, invalid_ttl, stale_grace
+        self._grains = {True: expiry_grain(valid_ttl), False: expiry_grain(invalid_ttl)}
         self.refresh_before = valid_ttl * REFRESH_FRACTION
 
-    def _expiry(self, expires: float) -> float:
-        """expires rounded up to a whole second, as the one float object every entry expiring
-        in that second shares: a million entries hold thousands of floats rather than a
-        million, so reading an entry's expiry mostly hits the CPU cache (and RSS drops 24 MB).
-        An entry lives at most a second past its TTL; the file keeps whole seconds anyway."""
-        second = -(-expires // 1.0)
-        shared = self._expiries.get(second)
+    def _expiry(self, expires: float, valid: bool) -> float:
+        """expires rounded up to its kind's grain (a second, or a power-of-two fraction of one
+        no longer than a thousandth of a short TTL), as the one float object every entry
+        expiring then shares: a million entries hold thousands of floats rather than a million,
+        so reading an entry's expiry mostly hits the CPU cache (and RSS drops 24 MB)."""
+        grain = self._grains[valid]
+        rounded = -(-expires // grain) * grain          # exact: grain is a power of two
+        shared = self._expiries.get(rounded)
         if shared is None:
             if len(self._expiries) >= EXPIRIES_MAX:
                 self._expiries = {}         # entries keep their floats; new ones share anew
-            shared = self._expiries.setdefault(second, second)
+            shared = self._expiries.setdefault(rounded, rounded)
         return shared
 
     def _shard(self, key: str) -> _Shard:
@@ -203,7 +214,7 @@ class VerdictCache:
             return
         key = address.lower()
         shard = self._shard(key)
-        expires = self._expiry(self.clock() + ttl)
+        expires = self._expiry(self.clock() + ttl, valid)
         with shard.lock:
             shard.store(key, valid, expires)
 
@@ -350,7 +361,7 @@ class VerdictCache:
                 if expires <= keep_after:
                     expired += 1
                     continue
-                batch.append((address.lower(), valid, self._expiry(expires)))
+                batch.append((address.lower(), valid, self._expiry(expires, valid)))
                 if len(batch) >= 10_000:      # small batches: no second copy of a big file
                     self._store_many(batch)
                     loaded, batch = loaded + len(batch), []

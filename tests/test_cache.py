@@ -590,20 +590,32 @@ def test_entries_expiring_in_the_same_second_share_one_expiry_object(tmp_path):
     """Expiries are whole seconds, one float object per second: a lookup's expiry read stays in
     the CPU cache however many entries there are; rounding up never cuts a TTL short."""
     now = [1000.25]
-    cache = VerdictCache(60, 10, clock=lambda: now[0])
+    cache = VerdictCache(3600, 1, clock=lambda: now[0])
     cache.put("a@x.test", True)
     now[0] = 1000.5
     cache.put("b@x.test", True)
-    shard = cache._shard("a@x.test")
-    assert shard.valid["a@x.test"] == 1061.0
-    assert cache._shard("b@x.test").valid["b@x.test"] is shard.valid["a@x.test"]
-    assert 60 <= cache.peek("a@x.test").expires_in < 61
+    shared = cache._shard("a@x.test").valid["a@x.test"]
+    assert shared == 4601.0
+    assert cache._shard("b@x.test").valid["b@x.test"] is shared
+    assert 3600 <= cache.peek("b@x.test").expires_in < 3601
     path = tmp_path / "cache"
     wall = 1_700_000_000
-    path.write_text("".join(f"0 u{i}@x.test {wall + 30}\n" for i in range(50)) + "1 bad@x.test\n")
-    loaded = VerdictCache(60, 10, clock=lambda: now[0], wallclock=lambda: wall + 0.75)
+    path.write_text("".join(f"0 u{i}@x.test {wall + 30}\n" for i in range(50)))
+    loaded = VerdictCache(3600, 1, clock=lambda: now[0], wallclock=lambda: wall + 0.75)
     loaded.load(str(path))
     expiries = {id(loaded._shard(f"u{i}@x.test").valid[f"u{i}@x.test"]) for i in range(50)}
     assert len(expiries) == 1
     assert loaded.peek("u7@x.test").expires_in == pytest.approx(30, abs=1)
-    assert loaded.peek("bad@x.test").expires_in >= 10
+
+
+def test_a_short_ttl_keeps_a_fine_expiry_grain():
+    """A 1 s TTL is not stretched to 2 s by whole-second rounding: its grain is 1/1024 s."""
+    assert cachemod.expiry_grain(86400) == cachemod.expiry_grain(1024) == 1.0
+    assert cachemod.expiry_grain(100) == 1 / 16
+    assert cachemod.expiry_grain(1) == 1 / 1024
+    now = [1000.3]
+    cache = VerdictCache(3600, 1, clock=lambda: now[0])
+    cache.put("bad@x.test", False)
+    assert 1 <= cache.peek("bad@x.test").expires_in < 1.001
+    now[0] += 1.001
+    assert cache.fresh("bad@x.test") is None
