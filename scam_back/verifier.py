@@ -177,8 +177,7 @@ class Verifier:
             if fresh is not None:
                 local, _, domain = key.rpartition("@")
                 answers = self._domains.get(domain) or self._answers_for(domain)
-                skip = self.skip_recipients     # skipped_recipient(), inline: key is lower-case
-                if answers is not None and not (skip and (local in skip or key in skip)):
+                if answers is not None and not self.skipped_recipient(local, key):
                     logmod.verdict_bytes((f"qid={qid or '-'} rcpt=<{text}> "
                                           f"{answers.valid_tail if fresh else answers.invalid_tail}"
                                           ).encode())
