@@ -101,10 +101,10 @@ class VerdictCache:
             self.invalid_max = max(1, min(invalid_max, max_entries // 2))
             self.valid_max = max(1, max_entries - self.invalid_max)
         self.clock, self.wallclock = clock, wallclock
-        self._tick = itertools.count().__next__     # atomic: one C call
         count = SHARDS if max_entries >= SHARD_FROM else 1
-        # fresh() moves one hit in eight (small caches) or 32 (big ones) to the young end.
-        self._bump_mask = 7 if count == 1 else 31
+        # fresh() moves one hit in eight (small caches) or 32 (big ones) to the young end: the
+        # turn comes round in a cycle of shared booleans, one C call that allocates nothing.
+        self._bump_turn = itertools.cycle((True,) + (False,) * (7 if count == 1 else 31)).__next__
         self._expiries: dict[float, float] = {}
         # Keys never spread quite evenly: shards get 5% slack so a full cache loses no entry to
         # an unlucky shard, and the whole stays within 5% of BackCacheMax.
@@ -186,11 +186,11 @@ class VerdictCache:
         now = self.clock()
         if expires <= now:
             return None
-        # LRU order, sampled: one hit in 8 or 32 (by a shared counter) moves the entry to the
+        # LRU order, sampled: one hit in 8 or 32 (a shared cycle's turn) moves the entry to the
         # young end, so an address in use still gets moved often, while most hits skip the
         # node updates that dominate a lookup in a big cache. The move is skipped, never
         # waited for, when the lock is busy.
-        if not self._tick() & self._bump_mask and shard.lock.acquire(False):
+        if self._bump_turn() and shard.lock.acquire(False):
             try:
                 entries.move_to_end(key)
             except KeyError:            # dropped since it was read
