@@ -51,6 +51,8 @@ class LoadResult:
 SHARDS = 64                 # big caches are split so no single lock hold or copy is long
 SHARD_FROM = 65_536         # caches smaller than this stay one exact-LRU shard
 EXPIRIES_MAX = 262_144      # distinct expiries shared before the table starts over
+SAVE_PIECE = 2048           # cache-file lines made between two writes
+SAVE_PAUSE = 0.001          # seconds a save made while serving sleeps after each write
 
 
 class _Shard:
@@ -264,7 +266,7 @@ class VerdictCache:
 
     def dump_lines(self) -> Iterator[str]:
         """Every live entry as a cache-file line (0|1 address expiry), shard by shard."""
-        for text, _ in self._file_chunks():
+        for text, _ in self._file_chunks(serving=True):
             yield from text.splitlines()
 
     def snapshot(self) -> list[tuple[str, bool, float]]:
@@ -285,36 +287,53 @@ class VerdictCache:
             yield [(k, True, wall + (exp - now)) for k, exp in valid if exp > keep] + \
                 [(k, False, wall + (exp - now)) for k, exp in invalid if exp > keep]
 
-    def _file_chunks(self) -> Iterator[tuple[str, int]]:
-        """The cache file's text a shard and a verdict kind at a time, with its line count.
+    def _file_chunks(self, serving: bool = False) -> Iterator[tuple[str, int]]:
+        """The cache file's text in pieces of at most SAVE_PIECE lines, with their line counts.
 
         Keys and expiries are copied as two flat lists under the shard's lock: no per-entry
-        tuples, so a save of a million entries barely wakes the garbage collector.
+        tuples, so a save of a million entries barely wakes the garbage collector. The last
+        save, at exit, lists them least recently used first, so a restart keeps the LRU order.
+        While serving, a shard is copied in the order its entries were first stored: walking
+        the LRU order costs a dict lookup per entry, and a big shard's walk held the GIL for
+        milliseconds. The text is made a piece at a time for the same reason.
         """
         now = self.clock()
         keep, offset = now - self.stale_grace, self.wallclock() - now
         for shard in self._shards:
             with shard.lock:
-                parts = [(VALID, list(shard.valid), list(shard.valid.values())),
-                         (INVALID, list(shard.invalid), list(shard.invalid.values()))]
+                if serving:
+                    parts = [(VALID, list(dict.keys(shard.valid)), list(dict.values(shard.valid))),
+                             (INVALID, list(dict.keys(shard.invalid)),
+                              list(dict.values(shard.invalid)))]
+                else:
+                    parts = [(VALID, list(shard.valid), list(shard.valid.values())),
+                             (INVALID, list(shard.invalid), list(shard.invalid.values()))]
             for code, keys, expiries in parts:
-                lines = [f"{code} {key} {int(expires + offset)}\n"
-                         for key, expires in zip(keys, expiries) if expires > keep]
-                yield "".join(lines), len(lines)
+                for start in range(0, len(keys), SAVE_PIECE):
+                    end = start + SAVE_PIECE
+                    lines = [f"{code} {key} {int(expires + offset)}\n"
+                             for key, expires in zip(keys[start:end], expiries[start:end])
+                             if expires > keep]
+                    yield "".join(lines), len(lines)
 
-    def save(self, path: str) -> int:
+    def save(self, path: str, serving: bool = False) -> int:
         """Write live entries to a temporary file, then rename it over path; returns the count.
 
-        A shard's lock is held only while it is copied, never during the write.
+        A shard's lock is held only while it is copied, never during the write. A save made
+        while serving sleeps SAVE_PAUSE after each piece it writes: a write alone frees the GIL
+        too briefly, the saver takes it back before a waiting MTA thread (woken on the other,
+        busy CPU) gets to run, and decisions waited for the 5 ms switch interval, or several.
         """
         count = 0
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".scam-back-cache.", dir=directory)
         try:
             with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as handle:
-                for text, lines in self._file_chunks():
+                for text, lines in self._file_chunks(serving):
                     handle.write(text)
                     count += lines
+                    if serving:
+                        time.sleep(SAVE_PAUSE)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o600)

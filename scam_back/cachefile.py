@@ -108,12 +108,14 @@ def load_file(cache: "VerdictCache", path: Optional[str]) -> None:
                     path, result.malformed)
 
 
-def save_file(cache: "VerdictCache", path: Optional[str]) -> None:
-    """Save the cache, logging the outcome; never raises, so shutdown always completes."""
+def save_file(cache: "VerdictCache", path: Optional[str], serving: bool = False) -> None:
+    """Save the cache, logging the outcome; never raises, so shutdown always completes.
+
+    serving: MTA threads are deciding meanwhile (VerdictCache.save gives way to them)."""
     if not path:
         return
     try:
-        count = cache.save(path)
+        count = cache.save(path, serving)
     except OSError as exc:
         log.error("cannot save cache file %s: %s (is its directory writable by this user?)",
                   path, exc.strerror)

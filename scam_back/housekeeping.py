@@ -70,7 +70,7 @@ class Housekeeper:
             self.admin.log_summary()
         if now >= next_save:
             next_save = now + self.interval       # set first: a failing save is not retried at once
-            cachefile.save_file(self.cache, self.path)
+            cachefile.save_file(self.cache, self.path, serving=True)
             next_save = time.monotonic() + self.interval
         return next_save, next_reap, next_stats
 

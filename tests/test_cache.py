@@ -172,6 +172,35 @@ def test_save_load_round_trip_keeps_remaining_lifetime(tmp_path):
     assert second.get("good@example.net").expires_in == pytest.approx(60)
 
 
+def test_the_save_at_exit_lists_the_least_recently_used_first(tmp_path):
+    """A restart keeps the LRU order: the file is loaded in its order, oldest first."""
+    cache = make()
+    for name in ("a", "b", "c"):
+        cache.put(f"{name}@example.net", True)
+    cache.get("a@example.net")                  # a is now the most recently used
+    path = tmp_path / "backscatter.txt"
+    cache.save(str(path))
+    assert [line.split()[1] for line in path.read_text().splitlines()] == [
+        "b@example.net", "c@example.net", "a@example.net"]
+
+
+def test_a_save_while_serving_writes_the_same_entries_and_gives_way_between_pieces(
+        tmp_path, monkeypatch):
+    """Made in pieces, each followed by a pause that lets the MTA threads have the GIL."""
+    monkeypatch.setattr(cachemod, "SAVE_PIECE", 10)
+    pauses: list[float] = []
+    monkeypatch.setattr(cachemod.time, "sleep", pauses.append)
+    cache = make()
+    for n in range(95):
+        cache.put(f"user{n}@example.net", n % 3 != 0)
+    at_exit, serving = tmp_path / "exit.txt", tmp_path / "serving.txt"
+    assert cache.save(str(at_exit)) == 95 and pauses == []
+    assert cache.save(str(serving), serving=True) == 95
+    assert sorted(serving.read_text().splitlines()) == sorted(at_exit.read_text().splitlines())
+    # 63 valid entries in 7 pieces, 32 invalid ones in 4: a pause after each.
+    assert pauses == [cachemod.SAVE_PAUSE] * 11
+
+
 def test_save_returns_the_number_of_entries_written(tmp_path):
     cache = make()
     cache.put("a@example.net", True)
