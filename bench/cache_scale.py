@@ -326,7 +326,7 @@ def main(argv: list[str]) -> int:
           "pieces, pausing after each). Daemon: RCPT decision latency over the milter protocol; "
           "'saves done' counts 'saved' log lines in the window; 'over 50 ms' counts decisions "
           "slower than that (compare the row without saves: libmilter alone has rare stalls of "
-          "up to a second, the do-nothing milter too).")
+          "up to a second or two, the do-nothing milter too).")
     print()
     print(table(["empty-cache start-up", "socket exists s", "negotiation answered s"],
                 [[f"run {i + 1}", fmt(s, 3), fmt(r, 3)] for i, (s, r) in enumerate(starts)]))
