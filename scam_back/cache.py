@@ -299,15 +299,12 @@ class VerdictCache:
         """
         now = self.clock()
         keep, offset = now - self.stale_grace, self.wallclock() - now
+        keys_of, values_of = ((dict.keys, dict.values) if serving
+                              else (OrderedDict.keys, OrderedDict.values))
         for shard in self._shards:
             with shard.lock:
-                if serving:
-                    parts = [(VALID, list(dict.keys(shard.valid)), list(dict.values(shard.valid))),
-                             (INVALID, list(dict.keys(shard.invalid)),
-                              list(dict.values(shard.invalid)))]
-                else:
-                    parts = [(VALID, list(shard.valid), list(shard.valid.values())),
-                             (INVALID, list(shard.invalid), list(shard.invalid.values()))]
+                parts = [(VALID, list(keys_of(shard.valid)), list(values_of(shard.valid))),
+                         (INVALID, list(keys_of(shard.invalid)), list(values_of(shard.invalid)))]
             for code, keys, expiries in parts:
                 for start in range(0, len(keys), SAVE_PIECE):
                     end = start + SAVE_PIECE
