@@ -29,8 +29,9 @@ import statistics
 import tempfile
 import threading
 import time
+from typing import Sequence
 
-from common import (print_notes, run_main, BenchDaemon, LoadResult, LoadSpec, LogWatcher, cache_max_for, daemon_conf, fmt,
+from common import (print_notes, run_main, BenchDaemon, LoadSpec, LogWatcher, cache_max_for, daemon_conf, fmt,
                     machine_line, percentile, proc_status, run_load, say, table, write_cache_file)
 from scam_back import cache as cachemod
 from scam_back import config as configmod
@@ -41,9 +42,9 @@ SAVED = " saved"
 STALL_LIMIT = 0.050          # seconds: issue 5's longest allowed stall of a decision by a save
 
 
-def over_limit(result: "LoadResult") -> int:
-    """Decisions of a load run slower than STALL_LIMIT."""
-    return len(result.latencies) - bisect.bisect_right(result.latencies, STALL_LIMIT)
+def over_limit(latencies: Sequence[float]) -> int:
+    """How many of these sorted latencies (seconds) are over STALL_LIMIT."""
+    return len(latencies) - bisect.bisect_right(latencies, STALL_LIMIT)
 
 
 def make_cache(config: configmod.Config) -> cachemod.VerdictCache:
@@ -208,7 +209,7 @@ def ticker_stalls(cache: cachemod.VerdictCache, size: int, seconds: float, folde
     values = sorted(lateness)
     return {"max": values[-1] * 1000, "p999": percentile(values, 99.9) * 1000,
             "p99": percentile(values, 99) * 1000, "samples": len(values), "saves": len(saves),
-            "over": len(values) - bisect.bisect_right(values, STALL_LIMIT),
+            "over": over_limit(values),
             "save_mean": statistics.mean(saves) if saves else float("nan")}
 
 
@@ -281,7 +282,7 @@ def main(argv: list[str]) -> int:
                 stall_rows.append(["daemon, BackListSaveInterval: 0", f"{size:,}",
                                    f"{args.stall_conns} connections", f"{base.rate:,.0f}",
                                    fmt(base.pct_ms(99)), fmt(base.pct_ms(99.9)), fmt(base.max_ms, 1),
-                                   str(over_limit(base)),
+                                   str(over_limit(base.latencies)),
                                    str(run["saves"])])
                 for error in base.errors[:3]:
                     notes.append(f"daemon stall run: {error}")
@@ -294,7 +295,7 @@ def main(argv: list[str]) -> int:
     res = run["load"]
     stall_rows.append(["daemon, BackListSaveInterval: 1", f"{largest:,}",
                        f"{args.stall_conns} connections", f"{res.rate:,.0f}", fmt(res.pct_ms(99)),
-                       fmt(res.pct_ms(99.9)), fmt(res.max_ms, 1), str(over_limit(res)),
+                       fmt(res.pct_ms(99.9)), fmt(res.max_ms, 1), str(over_limit(res.latencies)),
                        str(run["saves"])])
     for error in res.errors[:3]:
         notes.append(f"daemon stall run with saves: {error}")
