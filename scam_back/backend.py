@@ -87,14 +87,22 @@ class _DeadlineReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+    def readinto(self, buffer) -> Optional[int]:  # type: ignore[no-untyped-def, override]
         smtp = self.smtp
+        assert smtp.sock is not None
+        if smtp.polling:            # only what has already arrived; None: nothing has
+            smtp.sock.setblocking(False)
+            try:
+                count = smtp.sock.recv_into(buffer)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                return None
+            smtp.peer_closed = count == 0
+            return count
         left = smtp.reply_deadline - time.monotonic()
         if left <= 0:
             raise socket.timeout("timed out: the reply did not end in time")
         if smtp.reply_bytes >= MAX_REPLY_BYTES:
             raise OSError(f"reply longer than {MAX_REPLY_BYTES} bytes")
-        assert smtp.sock is not None
         smtp.sock.settimeout(left)
         count = smtp.sock.recv_into(buffer)
         smtp.reply_bytes += count
@@ -108,6 +116,8 @@ class _SMTP(smtplib.SMTP):
     read_timeout: float = 3.0
     reply_deadline: float = 0.0
     reply_bytes: int = 0
+    polling: bool = False
+    peer_closed: bool = False
 
     def arm(self, seconds: float) -> None:
         """The next reply must be complete within this many seconds."""
@@ -127,6 +137,22 @@ class _SMTP(smtplib.SMTP):
         if self.file is None and self.sock is not None:
             self.file = io.BufferedReader(_DeadlineReader(self))
         return super().getreply()
+
+    def unasked(self) -> bytes:
+        """What the server has sent beyond the replies read so far, without waiting for more
+        (b"" if nothing); peer_closed tells whether it has closed the connection."""
+        if self.sock is None:
+            return b""
+        if self.file is None:
+            self.file = io.BufferedReader(_DeadlineReader(self))
+        self.polling = True
+        try:
+            return self.file.peek(1)        # the buffer, or else one read that does not wait
+        except OSError:
+            self.peer_closed = True
+            return b""
+        finally:
+            self.polling = False
 
 
 PoolKey = tuple[str, int, bool, Optional[str]]
@@ -176,6 +202,14 @@ class BackendSession:
         if self._smtp is None or sock is None:
             raise BackendError("closed", f"connection closed before {line.split()[0]}")
         seconds = min(self.settings.timeout_reply, self._remaining(deadline))
+        verb = line.split()[0]
+        unasked = self._smtp.unasked()
+        if unasked.startswith(b"421") or self._smtp.peer_closed:      # it timed us out, say
+            self._drop()
+            raise BackendError("closed", f"closed by the backend before {verb}: {unasked[:80]!r}")
+        if unasked:         # out of step: the next reply read would answer something else
+            self._drop()
+            raise BackendError("garbage", f"said {unasked[:80]!r} unasked, before {verb}")
         log.debug("backend %s >>> %s", self.label, line)
         try:
             self._smtp.arm(seconds)
@@ -187,10 +221,19 @@ class BackendSession:
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
             self._drop()
             kind = "timeout" if "timed out" in str(exc) else "closed"
-            raise BackendError(kind, f"no reply to {line.split()[0]}: {exc}") from None
+            raise BackendError(kind, f"no reply to {verb}: {exc}") from None
         text = raw.decode("utf-8", "replace")
         log.debug("backend %s <<< %s %s", self.label, code, text.replace("\n", " | "))
-        if code == 421:
+        if not 200 <= code <= 599:         # smtplib's -1: a line with no reply code
+            self._drop()
+            raise BackendError("garbage", f"no reply code in {text[:80]!r}, the reply to {verb}")
+        # After STARTTLS's 220 the TLS handshake judges whatever comes next.
+        extra = self._smtp.unasked() if verb != "STARTTLS" else b""
+        if extra:
+            # This reply answers the command; what follows it would answer the next one.
+            log.warning("backend %s: more than one reply to %s (then %r); session closed",
+                        self.label, verb, extra[:80])
+        if extra or code == 421 or self._smtp.peer_closed:
             self._drop()
         return code, text
 

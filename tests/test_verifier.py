@@ -110,6 +110,48 @@ def test_multiline_banner_and_ehlo_sent_in_pieces_are_read_whole():
         assert verify(verifier, "bad@example.net").kind is Kind.INVALID
 
 
+def _first_rcpt_then_550(first: object):
+    """RCPT replies: `first` for the first RCPT the backend is asked, 550 after."""
+    asked = []
+
+    def replies(verb: str, line: str, conn_no: int):
+        if verb != "RCPT":
+            return None
+        asked.append(line)
+        return first if len(asked) == 1 else b"550 5.1.1 no such user\r\n"
+    return replies
+
+
+def test_a_second_reply_to_one_rcpt_is_not_read_as_the_answer_to_the_next():
+    """Weakness 3, a stray line: a pooled session that is out of step is closed, so the next
+    address gets its own answer (it was cached valid on the duplicate 250)."""
+    doubled = b"250 2.1.5 ok\r\n250 2.1.5 duplicate\r\n"
+    with ScriptedBackend(replies=_first_rcpt_then_550(doubled)) as server:
+        verifier = make_verifier(scripted_conf(server))
+        assert verify(verifier, "a@example.net").kind is Kind.VALID
+        assert verify(verifier, "b@example.net").kind is Kind.INVALID
+        assert server.connections == 2
+
+
+def test_a_late_stray_line_is_found_before_the_pooled_session_is_used_again():
+    late = [(0.0, b"250 2.1.5 ok\r\n"), (0.1, b"250 2.1.5 late\r\n")]
+    with ScriptedBackend(replies=_first_rcpt_then_550(late)) as server:
+        verifier = make_verifier(scripted_conf(server))
+        assert verify(verifier, "a@example.net").kind is Kind.VALID
+        time.sleep(0.4)
+        assert verify(verifier, "b@example.net").kind is Kind.INVALID
+        assert verifier.cache.get("b@example.net").valid is False
+
+
+def test_a_line_with_no_reply_code_is_trouble_and_spoils_no_later_answer():
+    garbled = b"250-fine\r\nxyz\r\n250 2.1.5 ok\r\n"
+    with ScriptedBackend(replies=_first_rcpt_then_550(garbled)) as server:
+        verifier = make_verifier(scripted_conf(server))
+        assert verify(verifier, "a@example.net").kind is Kind.TROUBLE
+        assert verifier.cache.get("a@example.net") is None
+        assert verify(verifier, "b@example.net").kind is Kind.INVALID
+
+
 @pytest.mark.parametrize("stall", ["EHLO", "MAIL", "RCPT"])
 def test_stall_after_any_step_answers_within_the_reply_timeout(stall):
     """Weakness 5: the original waited 2000 s for HELO/MAIL replies."""
