@@ -18,6 +18,7 @@ log = logging.getLogger("scam-back")
 
 SECRET_NAME = "scam-back.secret"
 MAX_STATES = 10_000         # (domain, backend) pairs remembered; the oldest check goes first
+NO_ANSWER_RETRY = 60.0      # seconds before a check that got no verdict is made again
 
 
 def load_secret(cache_path: Optional[str]) -> bytes:
@@ -91,7 +92,10 @@ class AcceptAllCheck:
         key, now = (domain, backend), self.clock()
         with self._lock:
             state = self._states.pop(key, None)
-            if state is not None and now - state.checked < self.interval:
+            # A check that got no verdict (backend down, probes busy) is made again soon.
+            wait = self.interval if state is None or state.accepts is not None or \
+                not state.done.is_set() else min(self.interval, NO_ANSWER_RETRY)
+            if state is not None and now - state.checked < wait:
                 self._states[key] = state
                 return None
             if len(self._states) >= MAX_STATES:

@@ -31,8 +31,11 @@ class Prober:
         return Verdict(kind, "backend", session.label, f"{code} {first}"[:200],
                        why=f"backend said {code}" if kind is Kind.TROUBLE else "")
 
-    def probe(self, hosts: tuple[HostSpec, ...], address: str, deadline: float) -> Verdict:
-        """Ask the backend, reusing a pooled session where there is one, failing over in order."""
+    def probe(self, hosts: tuple[HostSpec, ...], address: str, deadline: float,
+              record_health: bool = True) -> Verdict:
+        """Ask the backend, reusing a pooled session where there is one, failing over in order
+        (record_health False: failed connects do not count towards BackSMTPBackoffFailures,
+        for side probes such as the accept-all check, which run beside a real one)."""
         errors: list[str] = []
         why = ""
         label = ",".join(str(spec) for spec in hosts)
@@ -70,13 +73,14 @@ class Prober:
                     session.open(deadline)
                 except BackendError as exc:
                     trouble = failed(label, exc)
-                    if exc.kind in ("connect", "banner"):
+                    if exc.kind in ("connect", "banner") and record_health:
                         # Refused, or accepting and never greeting: either way, skip it a while.
                         self.backoff.failed(key, label, exc.detail)
                     if time.monotonic() >= deadline:
                         return trouble
                     continue
-                self.backoff.succeeded(key, label)
+                if record_health:
+                    self.backoff.succeeded(key, label)
                 try:
                     return self._ask_and_return(session, address, deadline)
                 except BackendError as exc:

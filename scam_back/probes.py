@@ -30,8 +30,11 @@ class ProbeGate:
         self._flights: dict[str, _Flight] = {}
         self._lock = threading.Lock()
 
-    def run(self, key: str, deadline: float, probe: Callable[[], Verdict]) -> Verdict:
-        """probe()'s verdict, or the verdict of the same key's probe already running."""
+    def run(self, key: str, deadline: float, probe: Callable[[], Verdict],
+            then: Optional[Callable[[Verdict], Verdict]] = None) -> Verdict:
+        """probe()'s verdict, or the verdict of the same key's probe already running; then(),
+        if given, runs after the probe has given its slot back and before any waiter is told
+        (what waits there, for a side probe say, must not hold a slot)."""
         with self._lock:
             flight = self._flights.get(key)
             leader = flight is None
@@ -54,6 +57,8 @@ class ProbeGate:
                 flight.verdict = probe()
             finally:
                 self._slots.release()
+            if then is not None:
+                flight.verdict = then(flight.verdict)
             return flight.verdict
         finally:
             with self._lock:

@@ -254,8 +254,7 @@ class Verifier:
                                "cached")
         deadline = start + self.config.verify_timeout
         was_valid = hit is not None and hit.valid
-        verdict = self.gate.run(address.text.lower(), deadline, lambda: self._probe_and_cache(
-            route, address.domain, address.text, deadline, was_valid))
+        verdict = self._ask_backend(route, address, deadline, was_valid)
         if verdict.kind is Kind.TROUBLE and hit is not None:
             # The backend cannot answer: a verdict past its TTL (within BackStaleGrace) still
             # beats accepting blindly or tempfailing a known user.
@@ -265,9 +264,18 @@ class Verifier:
                            why=verdict.why)
         return verdict
 
-    def _probe_and_cache(self, route: Route, domain: str, address: str, deadline: float,
-                         was_valid: bool = False) -> Verdict:
-        """Probe, and cache a real verdict before anyone waiting on this probe is told.
+    def _ask_backend(self, route: Route, address: addr.Address, deadline: float,
+                     was_valid: bool) -> Verdict:
+        """Probe through the gate (one probe per address, BackMaxProbes at once), and cache a
+        real verdict before anyone waiting on this probe is told."""
+        domain, text = address.domain, address.text
+        return self.gate.run(text.lower(), deadline,
+                             lambda: self._probe(route, domain, text, deadline, was_valid),
+                             lambda verdict: self._cache(route, domain, text, deadline, verdict))
+
+    def _probe(self, route: Route, domain: str, address: str, deadline: float,
+               was_valid: bool = False) -> Verdict:
+        """The backend's verdict, holding a probe slot.
 
         Starts, when due, a background check whether the backend accepts every address of the
         domain (then no positive is cached). A 5xx for an address that was valid is believed
@@ -289,6 +297,12 @@ class Verifier:
                      verdict.reply[:120], second.kind.value)
             verdict = second if second.kind is not Kind.TROUBLE else \
                 second._replace(why="5xx not confirmed")
+        return verdict
+
+    def _cache(self, route: Route, domain: str, address: str, deadline: float,
+               verdict: Verdict) -> Verdict:
+        """Cache a probe's real verdict (its slot given back, so an accept-all check can run)."""
+        checked = checked_domain(route, domain)
         if verdict.kind is Kind.VALID:
             # A check under way (it runs beside the probe) decides whether a positive from
             # this backend means anything: wait for it rather than cache one that may not.
@@ -302,7 +316,11 @@ class Verifier:
                           probe: str) -> None:
         """Probe an address that cannot exist (in the background); flag the backend if it is
         accepted, and drop the positives cached for the domain meanwhile."""
-        verdict = self.prober.probe(hosts, probe, time.monotonic() + self.config.verify_timeout)
+        deadline = time.monotonic() + self.config.verify_timeout
+        # Under BackMaxProbes like any probe; its failures are not the backend's health record
+        # (the probe it runs beside has counted them already).
+        verdict = self.gate.run(probe, deadline, lambda: self.prober.probe(
+            hosts, probe, deadline, record_health=False))
         self.stats.count("accept-all-checks", verdict.kind.value)
         if self.catchall.found(domain, label, probe, verdict):
             dropped = self.cache.drop_where(invalid=False, domain=domain)
@@ -325,9 +343,8 @@ class Verifier:
         route = self.route_of(address)
         if route is None:
             return True
-        deadline = time.monotonic() + self.config.verify_timeout
-        verdict = self.gate.run(address.text.lower(), deadline, lambda: self._probe_and_cache(
-            route, address.domain, address.text, deadline, was_valid=True))
+        verdict = self._ask_backend(route, address, time.monotonic() + self.config.verify_timeout,
+                                    was_valid=True)
         self.stats.count("refresh", verdict.kind.value)
         if verdict.kind is Kind.TROUBLE:
             log.info("refresh of rcpt=<%s> got no verdict (%s); the cached entry is kept, "

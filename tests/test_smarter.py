@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import pytest
 
@@ -158,9 +159,10 @@ def test_a_5xx_then_trouble_keeps_a_recent_valid_entry_answering(verifier, backe
 def accept_all_verifier(clock):
     made = []
 
-    def make(backend: Backend, clock, interval: int = 600):
+    def make(backend: Backend, clock, interval: int = 600, extra: str = ""):
         cache = VerdictCache(VALID_TTL, INVALID_TTL, clock=lambda: clock[0])
-        verifier = make_verifier(backend_conf(backend) + f"BackCatchAllCheck: {interval}\n", cache)
+        verifier = make_verifier(backend_conf(backend) + f"BackCatchAllCheck: {interval}\n" + extra,
+                                 cache)
         verifier.catchall.clock = lambda: clock[0]
         made.append(verifier)
         return verifier
@@ -200,6 +202,22 @@ def test_a_normal_backend_is_checked_once_per_interval_whatever_the_traffic(back
     assert len(check_rcpts(backend)) == 2
     label = verifier.router.route("example.net").label
     assert verifier.catchall.describe("example.net", label).startswith("no: rejects unknown")
+
+
+def test_with_one_probe_slot_a_positive_waits_for_its_check_without_deadlock(
+        backend, clock, accept_all_verifier):
+    """The check is a probe under BackMaxProbes; the probe it runs beside gives its slot back
+    before it waits for the check, so with one slot neither waits out BackVerifyTimeout."""
+    verifier = accept_all_verifier(backend, clock, extra="BackMaxProbes: 1\nBackVerifyTimeout: 5\n")
+    started = time.monotonic()
+    verdict = verifier.verify("<good@example.net>")
+    elapsed = time.monotonic() - started
+    assert verdict.kind is Kind.VALID and verdict.source == "backend"
+    assert elapsed < 4, f"waited {elapsed:.1f} s: the check could not get the probe slot"
+    assert len(check_rcpts(backend)) == 1
+    label = verifier.router.route("example.net").label
+    assert verifier.catchall.describe("example.net", label).startswith("no: rejects unknown")
+    assert verifier.cache.peek("good@example.net").valid
 
 
 def test_check_probes_are_unguessable_and_recognisably_ours(backend, clock, accept_all_verifier):
@@ -242,6 +260,22 @@ def test_a_check_that_could_not_start_is_tried_at_the_next_probe():
     assert check.due("example.net", "b:25") is None          # begun: nobody else probes
     check.cancel("example.net", "b:25")
     assert check.due("example.net", "b:25") is not None
+
+
+def test_a_check_that_got_no_verdict_is_made_again_after_a_minute_not_hours():
+    from scam_back.verdict import Verdict
+    now = [0.0]
+    check = catchall.AcceptAllCheck(b"k" * 32, 21600, clock=lambda: now[0])
+    probe = check.due("example.net", "b:25")
+    check.found("example.net", "b:25", probe, Verdict(Kind.TROUBLE, "backend", reply="refused"))
+    now[0] += 30
+    assert check.due("example.net", "b:25") is None
+    now[0] += catchall.NO_ANSWER_RETRY
+    probe = check.due("example.net", "b:25")
+    assert probe is not None
+    check.found("example.net", "b:25", probe, Verdict(Kind.INVALID, "backend", reply="550"))
+    now[0] += catchall.NO_ANSWER_RETRY * 2
+    assert check.due("example.net", "b:25") is None          # answered: not before 6 h
 
 
 def test_a_failed_background_probe_rests_before_it_is_tried_again():

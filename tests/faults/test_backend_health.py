@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
+
 from ..smtpbackend import refused_port
 from .conftest import Mta, RestartableBackend, ask, conf, is_invalid, is_tempfail, show
 
@@ -58,12 +60,15 @@ def test_a_failed_connect_skips_that_backend_only_for_backoff_seconds_then_it_is
         other.stop()
 
 
-def test_backoff_failures_three_skips_only_after_three_failures_in_a_row(daemons):
+@pytest.mark.parametrize("check", ["0", "21600"], ids=["no-accept-all-check", "default-check"])
+def test_backoff_failures_three_skips_only_after_three_failures_in_a_row(daemons, check):
+    """A recipient's failed connect counts once: the accept-all check beside its probe (on by
+    default) does not count a second failure."""
     down, other = backends()
     try:
         daemon = daemons(conf({"a.test": down.port, "b.test": other.port},
                               f"BackSMTPBackoff: {int(BACKOFF)}\nBackSMTPBackoffFailures: 3\n"
-                              "BackErrorTempfail: yes\n"))
+                              f"BackErrorTempfail: yes\nBackCatchAllCheck: {check}\n"))
         for reply in ask(daemon, "f1@a.test", "f2@a.test"):     # two failures
             assert is_tempfail(reply), show(reply)
         down.start()

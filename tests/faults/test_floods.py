@@ -85,10 +85,13 @@ def test_concurrent_asks_for_one_new_address_share_one_backend_probe(env: Env) -
     assert len(probes) == 1, f"{len(probes)} RCPTs at the backend for one address"
 
 
-def test_back_max_probes_caps_the_rcpts_in_flight(daemons) -> None:
+@pytest.mark.parametrize("check", ["0", "21600"], ids=["no-accept-all-check", "default-check"])
+def test_back_max_probes_caps_the_rcpts_in_flight(daemons, check: str) -> None:
+    """The accept-all checks (on by default, one per domain) are probes under the cap too."""
     with TrackingBackend(replies=SLOW_RCPT) as slow:
-        daemon = daemons(conf({"slow.test": slow.port}, "BackMaxProbes: 2\n"))
-        replies = concurrent_rcpts(daemon, [f"capped{n}@slow.test" for n in range(10)])
+        routes = {f"slow{n}.test": slow.port for n in range(3)}
+        daemon = daemons(conf(routes, f"BackMaxProbes: 2\nBackCatchAllCheck: {check}\n"))
+        replies = concurrent_rcpts(daemon, [f"capped{n}@slow{n % 3}.test" for n in range(10)])
         assert all(is_invalid(r) for r in replies), [show(r) for r in replies]
         assert 1 <= slow.max_in_flight <= 2, f"{slow.max_in_flight} RCPTs in flight at once"
 
