@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
+import difflib
 import re
 import socket
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
+from .confcheck import cross_key_warnings
 from .values import (parse_bool, parse_cache_url, parse_daemon, parse_dns_server,
                      parse_domain, parse_helo_name, parse_host, parse_int, parse_ip_version,
                      parse_listen, parse_log_level, parse_mail_from, parse_network, parse_path,
@@ -204,6 +205,24 @@ def default_helo_name() -> str:
     return fqdn if "." in fqdn else socket.gethostname() or "localhost"
 
 
+FIRST_WINS = {"mailertable"}      # the original kept its first Mailertable line
+
+
+def _did_you_mean(key: str) -> str:
+    """"; did you mean X?" for a near miss of a known key (a letter or two off), else ""."""
+    close = difflib.get_close_matches(key.lower(), KEYS, n=1, cutoff=0.85)
+    return f"; did you mean {KEYS[close[0]][0]}?" if close else ""
+
+
+def _hint(name: str, value: str) -> str:
+    """How to mend two common slips the value's error cannot tell apart from others."""
+    if re.search(r"\s#", value):
+        return " (a # comment must start its own line)"
+    if name == "BackSMTPServer" and re.fullmatch(r"[^:\s\[\]]+:\d+", value):
+        return " (give the port on a BackSMTPPort line above the BackAddrDomain lines)"
+    return ""
+
+
 def _split_line(path: str, lineno: int, raw: str) -> Optional[tuple[str, str]]:
     """One config line -> (key, value), or None for blank and comment lines."""
     line = raw.strip()
@@ -263,12 +282,13 @@ class _ServerLines:
         self.hosts_used = self.port_used = True
         self.accumulating = False
 
-    def finish(self, all_domains: bool, tables: bool) -> tuple[HostSpec, ...]:
-        """Warn about lines nothing used; return the AllDomains servers."""
+    def finish(self, all_domains: int, tables: bool) -> tuple[HostSpec, ...]:
+        """Warn about lines nothing used; return the AllDomains servers (all_domains: the
+        line of an AllDomains: yes, or 0)."""
         if all_domains:
             if not self.hosts:
-                raise ConfigError(self.path, 0, "AllDomains: yes needs a BackSMTPServer line naming "
-                                  "the backend")
+                raise ConfigError(self.path, all_domains, "AllDomains: yes needs a BackSMTPServer "
+                                  "line naming the backend; add one above or below this line")
             return tuple(HostSpec(host, self.port) for host, _ in self.hosts)
         if not tables:
             self._unused_hosts("after it (put BackAddrDomain lines after their server)")
@@ -288,6 +308,7 @@ def parse_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
     ordered = {"BackSMTPServer": servers.server, "BackSMTPPort": servers.set_port,
                "BackAddrDomain": servers.domain}
 
+    lineno = 0
     for lineno, raw in enumerate(text.splitlines(), 1):
         parsed = _split_line(path, lineno, raw)
         if parsed is None:
@@ -295,43 +316,39 @@ def parse_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
         key, value = parsed
         entry = KEYS.get(key.lower())
         if entry is None:
-            raise ConfigError(path, lineno, f"{key}: unknown key (see scam.conf(5) for the keys)")
+            raise ConfigError(path, lineno, f"{key}: unknown key{_did_you_mean(key)} "
+                                  "(see scam.conf(5) for the keys)")
         name, parser, fieldname, repeatable = entry
         try:
             parsed_value = parser(value)
         except ValueError as exc:
-            raise ConfigError(path, lineno, f"{name}: {exc}") from None
+            raise ConfigError(path, lineno, f"{name}: {exc}{_hint(name, value)}") from None
         if name in ordered:
             ordered[name](parsed_value, lineno)
         elif repeatable:
             lists[fieldname].append(parsed_value)
         else:
+            if fieldname in seen and fieldname in FIRST_WINS:
+                servers.warnings.append(f"{path}:{lineno}: {name} repeats line {seen[fieldname]}; "
+                                        "the first value is used, as in the original")
+                continue
             if fieldname in seen:
                 servers.warnings.append(f"{path}:{lineno}: {name} repeats line {seen[fieldname]}; "
                                         "this later value is used")
             seen[fieldname] = lineno
             values[fieldname] = parsed_value
 
-    all_domains = bool(values.get("all_domains", False))
+    all_domains = seen["all_domains"] if values.get("all_domains") else 0
     tables = bool(values.get("use_mailertable", False)) or "transport_map" in values
     all_domains_hosts = servers.finish(all_domains, tables)
     if not servers.domains and not all_domains and not tables:
-        raise ConfigError(path, 0, "no domain is routed: add BackSMTPServer and BackAddrDomain lines, "
-                          "or AllDomains: yes, or UseMailertable: yes, or TransportMap: /path")
+        raise ConfigError(path, max(1, lineno), "no domain is routed by the end of the file: add "
+                          "BackSMTPServer and BackAddrDomain lines, or AllDomains: yes, or "
+                          "UseMailertable: yes, or TransportMap: /path")
     for fieldname, items in lists.items():
         if items:
             values[fieldname] = tuple(items)
-    warnings = servers.warnings
-    listen = values.get("stats_listen")
-    if listen is not None and not ipaddress.ip_address(listen[0]).is_loopback:  # type: ignore[index]
-        warnings.append(f"{path}:{seen['stats_listen']}: StatsListen {listen[0]} is not a loopback "
-                        "address: anyone who can reach it reads the statistics")
-    if "cache_password_file" in values and "shared_cache" not in values:
-        warnings.append(f"{path}:{seen['cache_password_file']}: BackCachePasswordFile is used only "
-                        "with BackCache: redis://...")
-    if "tls_ca_file" in values and values.get("tls", "no") != "verify":
-        warnings.append(f"{path}:{seen['tls_ca_file']}: BackTLSCAFile is used only with "
-                        "BackTLS: verify (may checks no certificate)")
+    warnings = servers.warnings + cross_key_warnings(path, values, seen, Config.verify_timeout)
     if "helo_name" not in values:
         values["helo_name"] = default_helo_name()
         if "." not in str(values["helo_name"]):

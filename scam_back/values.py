@@ -86,11 +86,16 @@ def parse_domain(text: str) -> str:
 
 
 def parse_network(text: str):
-    """An IPv4 or IPv6 address or CIDR; host bits after the mask are ignored."""
+    """An IPv4 or IPv6 address or CIDR; host bits after the mask are ignored. An IPv4-mapped
+    one (::ffff:192.0.2.0/120) is its IPv4 network: mapped clients are matched as IPv4."""
     try:
-        return ipaddress.ip_network(text, strict=False)
+        network = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ValueError(f'not an IPv4 or IPv6 address or CIDR: "{text}"') from None
+    mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+    if mapped is not None and network.prefixlen >= 96:
+        return ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+    return network
 
 
 def parse_daemon(text: str) -> str:

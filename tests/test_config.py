@@ -213,15 +213,13 @@ def test_config_error_carries_path_and_line():
 
 # ---- a config must route something ----
 
-def test_config_routing_no_domain_is_an_error():
-    with pytest.raises(ConfigError) as info:
-        cfg.parse_text("BackSMTPServer: 127.0.0.1\nBackValidAddrExp: 60\n", PATH)
-    assert str(info.value).startswith(PATH)
+def test_config_routing_no_domain_is_an_error_at_the_end_of_the_file():
+    message = error("BackSMTPServer: 127.0.0.1\nBackValidAddrExp: 60\n")
+    assert message.startswith(f"{PATH}:2: no domain is routed") and "BackAddrDomain" in message
 
 
 def test_empty_config_is_an_error():
-    with pytest.raises(ConfigError):
-        cfg.parse_text("# nothing here\n", PATH)
+    assert error("# nothing here\n").startswith(f"{PATH}:1: no domain is routed")
 
 
 def test_alldomains_alone_routes_every_domain():
@@ -229,9 +227,54 @@ def test_alldomains_alone_routes_every_domain():
     assert conf.all_domains_hosts == (HostSpec("127.0.0.1", 25),)
 
 
-def test_alldomains_without_server_is_an_error():
-    with pytest.raises(ConfigError):
-        cfg.parse_text("AllDomains: yes\n", PATH)
+def test_alldomains_without_server_is_an_error_at_its_line():
+    assert_located(error("BackSMTPPort: 25\nAllDomains: yes\n"), 2, "AllDomains")
+
+
+# ---- errors that say how to mend the line ----
+
+def test_a_near_miss_of_a_key_names_the_key_meant():
+    message = error(ROUTE + "BackAddrSubdomain: yes\n")
+    assert_located(message, 3, "BackAddrSubdomain")
+    assert "did you mean BackAddrSubdomains?" in message
+    assert "did you mean" not in error(ROUTE + "BackFrobnicate: yes\n")
+
+
+def test_a_comment_after_a_value_is_an_error_that_says_comments_start_a_line():
+    message = error("BackSMTPServer: 192.0.2.1   # the inner server\nBackAddrDomain: example.net\n")
+    assert_located(message, 1, "BackSMTPServer")
+    assert "a # comment must start its own line" in message
+
+
+def test_a_port_after_the_server_is_an_error_that_names_backsmtpport():
+    message = error("BackSMTPServer: 192.0.2.1:2525\nBackAddrDomain: example.net\n")
+    assert_located(message, 1, "BackSMTPServer")
+    assert "BackSMTPPort line" in message
+
+
+# ---- keys that do nothing, or less, without another ----
+
+def test_a_second_mailertable_line_is_ignored_as_in_the_original_with_a_warning():
+    conf = parse("UseMailertable: yes\nMailertable: /etc/a\nMailertable: /etc/b\n" + HELO)
+    assert conf.mailertable == "/etc/a"
+    assert conf.warnings == (f"{PATH}:5: Mailertable repeats line 4; the first value is used, "
+                             "as in the original",)
+
+
+def test_mailertable_without_usemailertable_warns_at_its_line():
+    (warning,) = parse("Mailertable: /etc/mail/mailertable\n" + HELO).warnings
+    assert warning.startswith(f"{PATH}:3: Mailertable is read only with UseMailertable: yes")
+
+
+@pytest.mark.parametrize("lines, lineno, key", [
+    ("TimeoutSMTPReply: 20\n", 3, "TimeoutSMTPReply 20 s"),
+    ("TimeoutSMTPConnect: 10\n", 3, "TimeoutSMTPConnect 10 s"),
+    ("BackVerifyTimeout: 4\nTimeoutSMTPReply: 5\n", 4, "TimeoutSMTPReply 5 s"),
+])
+def test_a_smtp_timeout_beyond_backverifytimeout_warns_that_it_is_cut_short(lines, lineno, key):
+    (warning,) = parse(lines + HELO).warnings
+    assert warning.startswith(f"{PATH}:{lineno}: {key} is cut short by BackVerifyTimeout")
+    assert parse("TimeoutSMTPReply: 9\n" + HELO).warnings == ()
 
 
 def test_usemailertable_alone_is_accepted_by_the_config_parser():
@@ -330,6 +373,13 @@ def test_backsmtpserver_accepts_name_ipv4_and_ipv6_literal(value, host):
                                    "0.0.0.0/0", "::/0"])
 def test_backskipverify_accepts_ipv4_ipv6_and_cidr(value):
     assert parse(f"BackSkipVerify: {value}\n").skip_verify == (ipaddress.ip_network(value),)
+
+
+def test_backskipverify_ipv4_mapped_network_is_its_ipv4_network():
+    """Mapped clients (::ffff:192.0.2.9) are matched as IPv4, so the rule must be IPv4 too."""
+    conf = parse("BackSkipVerify: ::ffff:192.0.2.0/120\nBackSkipVerify: ::ffff:127.0.0.2\n")
+    assert conf.skip_verify == (ipaddress.ip_network("192.0.2.0/24"),
+                                ipaddress.ip_network("127.0.0.2/32"))
 
 
 def test_backskipverify_slash_zero_covers_every_address():

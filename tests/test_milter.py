@@ -128,6 +128,9 @@ def test_backskiploopback_no_verifies_loopback_clients(backend, milter_ctx):
     ("2001:db8::/32", "2001:db9::1", False),
     ("0.0.0.0/0", "198.51.100.7", True),
     ("192.0.2.0/24", "::ffff:192.0.2.9", True),
+    ("::ffff:192.0.2.0/120", "::ffff:192.0.2.9", True),
+    ("::ffff:192.0.2.0/120", "192.0.2.9", True),
+    ("::ffff:192.0.2.0/120", "192.0.3.9", False),
 ])
 def test_backskipverify_cidrs_ipv4_and_ipv6(backend, milter_ctx, rule, ip, skipped):
     ctx = milter_ctx(make_verifier(backend_conf(backend, f"BackSkipVerify: {rule}\n")))
