@@ -180,15 +180,15 @@ class Daemon:
             return self.proc.poll() is None
         return True
 
-    def terminate(self, timeout: float = 15.0) -> Optional[int]:
-        """SIGTERM by pid, wait (libmilter takes up to ~5 s), SIGKILL if it hangs."""
+    def terminate(self, timeout: float = 15.0, sig: int = signal.SIGTERM) -> Optional[int]:
+        """SIGTERM (or sig) by pid, wait (libmilter takes up to ~5 s), SIGKILL if it hangs."""
         if self.pid is None:
             if self.proc is not None and self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait(5)
             return None
         try:
-            os.kill(self.pid, signal.SIGTERM)
+            os.kill(self.pid, sig)
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + timeout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -68,6 +69,18 @@ def test_sigterm_saves_the_cache_removes_the_pidfile_and_restart_uses_it(backend
     daemon.start()
     good, bad = ask(daemon, "good@example.net", "bad@example.net")
     assert good.action == "continue" and bad.text == "550 5.1.1 User unknown"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT], ids=["SIGHUP", "SIGINT"])
+def test_sighup_and_sigint_stop_it_like_sigterm_saving_the_cache(backend, daemon_factory, sig):
+    """As the original: smfi_main returns on SIGHUP and SIGINT too, and the cache is saved."""
+    daemon = daemon_factory(backend_conf(backend))
+    ask(daemon, "good@example.net", "bad@example.net")
+    assert daemon.terminate(sig=sig) == 0
+    assert not os.path.exists(daemon.pidfile)
+    lines = Path(daemon.cachefile).read_text().splitlines()
+    assert {" ".join(line.split()[:2]) for line in lines} == {"0 good@example.net",
+                                                              "1 bad@example.net"}
 
 
 def test_original_format_cache_file_loads(backend, daemon_factory, tmp_path):

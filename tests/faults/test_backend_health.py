@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ..smtpbackend import refused_port
+from ..smtpbackend import ScriptedBackend, refused_port
 from .conftest import Mta, RestartableBackend, ask, conf, is_invalid, is_tempfail, show
 
 BACKOFF = 2.0
@@ -99,3 +99,17 @@ def test_backoff_failures_three_skips_only_after_three_failures_in_a_row(daemons
     finally:
         down.stop()
         other.stop()
+
+
+@pytest.mark.parametrize("banner", [b"554 5.3.2 no service\r\n", "close"], ids=["554", "closed"])
+def test_a_bad_or_missing_banner_starts_the_backoff_like_a_failed_connect(daemons, banner):
+    """Weakness 11: a backend that accepts connections but will not talk is skipped a while
+    too, instead of costing every recipient a connection and a banner wait."""
+    with ScriptedBackend(banner) as mute:
+        daemon = daemons(conf({"mute.test": mute.port},
+                              f"BackSMTPBackoff: {int(BACKOFF)}\nBackErrorTempfail: yes\n"))
+        first, second = ask(daemon, "x1@mute.test", "x2@mute.test")
+        assert is_tempfail(first) and is_tempfail(second), (show(first), show(second))
+        assert mute.connections == 1, f"{mute.connections} connections inside the backoff"
+        skips, _ = health_lines(daemon.log(), mute.port)
+        assert len(skips) == 1, skips
