@@ -91,6 +91,8 @@ class _DeadlineReader(io.RawIOBase):
         smtp = self.smtp
         assert smtp.sock is not None
         if smtp.polling:            # only what has already arrived; None: nothing has
+            if smtp.polling == "buffer":
+                return None
             smtp.sock.setblocking(False)
             try:
                 count = smtp.sock.recv_into(buffer)
@@ -116,7 +118,7 @@ class _SMTP(smtplib.SMTP):
     read_timeout: float = 3.0
     reply_deadline: float = 0.0
     reply_bytes: int = 0
-    polling: bool = False
+    polling: str = ""               # "buffer" or "read" while unasked() looks
     peer_closed: bool = False
 
     def arm(self, seconds: float) -> None:
@@ -138,21 +140,22 @@ class _SMTP(smtplib.SMTP):
             self.file = io.BufferedReader(_DeadlineReader(self))
         return super().getreply()
 
-    def unasked(self) -> bytes:
-        """What the server has sent beyond the replies read so far, without waiting for more
-        (b"" if nothing); peer_closed tells whether it has closed the connection."""
+    def unasked(self, read: bool = False) -> bytes:
+        """What the server has sent beyond the replies read so far (b"" if nothing): what is
+        buffered, and with read what has arrived too, by one read that does not wait (a system
+        call, which gives the GIL away); peer_closed then tells whether it has hung up."""
         if self.sock is None:
             return b""
         if self.file is None:
             self.file = io.BufferedReader(_DeadlineReader(self))
-        self.polling = True
+        self.polling = "read" if read else "buffer"
         try:
             return self.file.peek(1)        # the buffer, or else one read that does not wait
         except OSError:
             self.peer_closed = True
             return b""
         finally:
-            self.polling = False
+            self.polling = ""
 
 
 PoolKey = tuple[str, int, bool, Optional[str]]
@@ -203,13 +206,6 @@ class BackendSession:
             raise BackendError("closed", f"connection closed before {line.split()[0]}")
         seconds = min(self.settings.timeout_reply, self._remaining(deadline))
         verb = line.split()[0]
-        unasked = self._smtp.unasked()
-        if unasked.startswith(b"421") or self._smtp.peer_closed:      # it timed us out, say
-            self._drop()
-            raise BackendError("closed", f"closed by the backend before {verb}: {unasked[:80]!r}")
-        if unasked:         # out of step: the next reply read would answer something else
-            self._drop()
-            raise BackendError("garbage", f"said {unasked[:80]!r} unasked, before {verb}")
         log.debug("backend %s >>> %s", self.label, line)
         try:
             self._smtp.arm(seconds)
@@ -227,13 +223,14 @@ class BackendSession:
         if not 200 <= code <= 599:         # smtplib's -1: a line with no reply code
             self._drop()
             raise BackendError("garbage", f"no reply code in {text[:80]!r}, the reply to {verb}")
-        # After STARTTLS's 220 the TLS handshake judges whatever comes next.
+        # What else came with the reply would be read as the next command's (after STARTTLS's
+        # 220, the TLS handshake judges it). The buffer only: a read here would cost a GIL
+        # hand-off per command, which under load costs more than the command.
         extra = self._smtp.unasked() if verb != "STARTTLS" else b""
         if extra:
-            # This reply answers the command; what follows it would answer the next one.
             log.warning("backend %s: more than one reply to %s (then %r); session closed",
                         self.label, verb, extra[:80])
-        if extra or code == 421 or self._smtp.peer_closed:
+        if extra or code == 421:
             self._drop()
         return code, text
 
@@ -327,8 +324,21 @@ class BackendSession:
         self.encrypted = True
         self._greet(deadline)       # RFC 3207: forget what was said in the clear
 
+    def _check_idle(self) -> None:
+        """Before a pooled session is used again: anything it said while idle (a late second
+        reply, a 421 at its idle timeout, its end) means it is out of step or gone."""
+        assert self._smtp is not None
+        unasked = self._smtp.unasked(read=True)
+        if unasked.startswith(b"421") or self._smtp.peer_closed:
+            self._drop()
+            raise BackendError("closed", f"closed by the backend while idle: {unasked[:80]!r}")
+        if unasked:
+            self._drop()
+            raise BackendError("garbage", f"said {unasked[:80]!r} unasked, while idle")
+
     def _begin(self, deadline: float) -> None:
         if self._needs_reset:
+            self._check_idle()
             code, text = self._command("RSET", deadline)
             if code != 250:
                 self.close(deadline)
