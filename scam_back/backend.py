@@ -201,11 +201,11 @@ class BackendSession:
 
     def _command(self, line: str, deadline: float) -> tuple[int, str]:
         """Send one command and read its whole (possibly multi-line) reply."""
+        verb = line.split()[0]
         sock = self._smtp.sock if self._smtp is not None else None
         if self._smtp is None or sock is None:
-            raise BackendError("closed", f"connection closed before {line.split()[0]}")
+            raise BackendError("closed", f"connection closed before {verb}")
         seconds = min(self.settings.timeout_reply, self._remaining(deadline))
-        verb = line.split()[0]
         log.debug("backend %s >>> %s", self.label, line)
         try:
             self._smtp.arm(seconds)
