@@ -11,7 +11,9 @@ One private Postfix instance, three scam-back daemons and two backends serve the
 - "restart": a scam-back of its own, SIGTERMed and restarted in one test, with its own backend
   for restart.example that the test stops;
 - "transport": a scam-back whose only routing is `TransportMap:` naming the very transport file
-  Postfix uses, which sends transport.example to the main backend.
+  Postfix uses, which sends transport.example to the main backend;
+- "bitbucket": a scam-back with BitBucket: yes (unknown recipients accepted, then removed at
+  end of message).
 
 Postfix delivers example.net to the main backend (relay_transport), and by transport_maps
 down.example to the dead port and restart.example to the restart backend.
@@ -194,6 +196,7 @@ class Setup:
     restart_milter: Daemon
     restart_backend: Backend
     transport_milter: Daemon
+    bitbucket_milter: Daemon
 
 
 @pytest.fixture(scope="module")
@@ -222,10 +225,12 @@ def e2e() -> Iterator[Setup]:
         transport_milter = Daemon(
             f"HeloName: {HELO_NAME}\nTransportMap: {transport}\nTimeoutSMTPConnect: 1\n"
             "TimeoutSMTPReply: 2\nBackSkipLoopback: no\n", flags)
-        daemons += [milter, tempfail_milter, restart_milter, transport_milter]
+        bitbucket_milter = Daemon(milter_conf(backend.port, dead, "BitBucket: yes\n"), flags)
+        daemons += [milter, tempfail_milter, restart_milter, transport_milter, bitbucket_milter]
         start_milter(milter)
         start_milter(tempfail_milter)
         start_milter(transport_milter)
+        start_milter(bitbucket_milter)
         dead_milter = f"unix:{stale_socket(scratch)}"
         postfix = PostfixInstance(
             milter.address, backend.port,
@@ -240,10 +245,11 @@ def e2e() -> Iterator[Setup]:
                                          "milter_default_action": "tempfail"},
                 "restart": {"smtpd_milters": restart_milter.address},
                 "transport": {"smtpd_milters": transport_milter.address},
+                "bitbucket": {"smtpd_milters": bitbucket_milter.address},
             })
         postfix.start()
         yield Setup(postfix, backend, milter, tempfail_milter, restart_milter, restart_backend,
-                    transport_milter)
+                    transport_milter, bitbucket_milter)
     finally:
         if postfix is not None:
             postfix.cleanup()
@@ -285,6 +291,32 @@ def test_message_to_known_and_unknown_reaches_the_known_one_only(e2e):
     assert result.data is not None and result.data[0] == 250, result
     assert wait_delivered(e2e.backend, token, e2e.postfix) == [good]
     assert all(bad not in rcpts for _, rcpts, _ in list(e2e.backend.delivered))
+
+
+def test_bitbucket_accepts_unknown_recipients_and_postfix_delivers_to_the_known_one_only(e2e):
+    """BitBucket: every RCPT gets 250 (a dictionary attack learns nothing), and the unknown
+    ones are removed at end of message (smfi_delrcpt), so the backend never bounces them."""
+    good, bad1, bad2 = unique("bb-good"), unique("bb-bad"), unique("bb-bad")
+    e2e.backend.users.add(good)
+    token = f"bitbucket-{os.getpid()}-{next(_serial)}"
+    result = transaction(e2e.postfix.ports["bitbucket"], [bad1, good, bad2], body=token)
+    assert all(code == 250 for code, _ in result.rcpt.values()), result
+    assert result.data is not None and result.data[0] == 250, result
+    assert wait_delivered(e2e.backend, token, e2e.postfix) == [good]
+    assert not any(bad in rcpts for _, rcpts, _ in list(e2e.backend.delivered)
+                   for bad in (bad1, bad2))
+    assert any("BitBucket: removed 2 invalid recipients" in line
+               for line in e2e.bitbucket_milter.log().splitlines())
+
+
+def test_bitbucket_rejects_a_message_whose_every_recipient_is_unknown(e2e):
+    bad = unique("bb-only-bad")
+    token = f"bitbucket-none-{os.getpid()}-{next(_serial)}"
+    result = transaction(e2e.postfix.ports["bitbucket"], [bad], body=token)
+    assert result.rcpt[bad][0] == 250, result
+    assert result.data is not None and result.data[0] == 550, result
+    assert "5.1.1" in result.data[1], result
+    assert not delivered_with(e2e.backend, token)
 
 
 def test_second_message_to_the_same_recipients_is_answered_from_the_cache(e2e):
