@@ -192,3 +192,31 @@ def test_milter_down(sendmail_root, mx_backend, tmp_path, flags, expected):
                 assert client.rcpt("nobody-else@example.net")[0] == 250
             client.rset()
     assert mx_backend.connections == 0
+
+
+def test_bitbucket_removes_unknown_recipients_through_sendmail(sendmail_root, mx_backend):
+    """BitBucket: yes through sendmail (the original's home): both RCPTs get 250, and at end of
+    message smfi_delrcpt removes the unknown one, so only the known one is relayed."""
+    daemon = Daemon(backend_conf(mx_backend, f"HeloName: {HELO}\nBitBucket: yes\n"))
+    subject = f"e2e-bitbucket-{uuid.uuid4().hex}"
+    try:
+        daemon.start()
+        with SendmailInstance(sendmail_root, daemon.socket, mx_backend.port) as mta:
+            with smtp(mta.port) as client:
+                refused = client.sendmail(SENDER, ["alice@example.net", "nobody-bb@example.net"],
+                                          message(subject))
+            assert refused == {}, refused
+
+            def arrived() -> bool:
+                return any(subject.encode() in body for _, _, body in mx_backend.delivered)
+            assert mx_backend.wait_for(arrived, DELIVERY_WAIT), mta.traffic()
+        assert [rcpts for _, rcpts, body in mx_backend.delivered
+                if subject.encode() in body] == [["alice@example.net"]]
+        # The backend refuses unknown users at delivery too: what shows the removal is that
+        # sendmail never offered it (one RCPT for it, scam-back's probe), so nothing bounces.
+        offered = [line for line in list(mx_backend.transcript)
+                   if line.upper() == "RCPT TO:<NOBODY-BB@EXAMPLE.NET>"]
+        assert len(offered) == 1, mx_backend.transcript
+        assert wait_log(daemon, "BitBucket: removed 1 invalid recipients"), daemon.log()
+    finally:
+        daemon.stop()
