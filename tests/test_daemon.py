@@ -392,19 +392,22 @@ def test_loglevel_info_does_not_log_the_backend_dialogue(backend, daemon_factory
 
 
 @pytest.mark.parametrize("bitbucket", [False, True])
-def test_end_of_message_reaches_python_only_with_bitbucket(monkeypatch, bitbucket):
-    """Issue 5: without BitBucket the end-of-message callback is unset, so libmilter answers
-    it itself and never takes the GIL for it; pymilter's own setter is put back after."""
+def test_end_of_message_and_abort_reach_python_only_with_bitbucket(monkeypatch, bitbucket):
+    """Issue 5: without BitBucket the end-of-message and abort callbacks are unset, so libmilter
+    answers them itself and never takes the GIL for them; pymilter's setters are put back."""
     import Milter
     import milter as libmilter
     from scam_back import daemon as daemonmod
-    given = []
-    monkeypatch.setattr(libmilter, "set_eom_callback", given.append)
-    recorder = libmilter.set_eom_callback
+    given: dict = {"eom": [], "abort": []}
+    monkeypatch.setattr(libmilter, "set_eom_callback", given["eom"].append)
+    monkeypatch.setattr(libmilter, "set_abort_callback", given["abort"].append)
+    recorders = (libmilter.set_eom_callback, libmilter.set_abort_callback)
 
     def fake_runmilter(name, socket_spec, timeout):  # as pymilter's runmilter sets its callbacks
         libmilter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+        libmilter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
     monkeypatch.setattr(Milter, "runmilter", fake_runmilter)
     daemonmod.run_milter("unix:/nonexistent/x.sock", 10, end_of_message=bitbucket)
-    assert len(given) == 1 and (given[0] is not None) is bitbucket
-    assert libmilter.set_eom_callback is recorder
+    for step in ("eom", "abort"):
+        assert len(given[step]) == 1 and (given[step][0] is not None) is bitbucket, step
+    assert (libmilter.set_eom_callback, libmilter.set_abort_callback) == recorders
