@@ -44,6 +44,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--end", choices=("eom", "abort"), default="eom")
     parser.add_argument("--log-level", default="info", help="scam-back LogLevel")
     parser.add_argument("--quick", action="store_true", help="N=1000, C=1,10, 2 s: a smoke test")
+    parser.add_argument("--cpu-affinity", default="auto",
+                        help="scam-back's CPUAffinity (auto, its default: one CPU for all its "
+                             "threads; all: wherever the kernel puts them)")
     parser.add_argument("--pin", action="store_true",
                         help="run the milters on CPU 0 and the load client on the other CPUs")
     args = parser.parse_args(argv)
@@ -56,6 +59,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.sizes = [int(v) for v in str(args.sizes).split(",") if v]
     args.conns = [int(v) for v in str(args.conns).split(",") if v]
     return args
+
+
+def cpus_text(pid: int) -> str:
+    """The CPUs a process's main thread may run on, as "0-1" or "1"."""
+    cpus = sorted(os.sched_getaffinity(pid))
+    return str(cpus[0]) if len(cpus) == 1 else f"{cpus[0]}-{cpus[-1]}" if \
+        cpus == list(range(cpus[0], cpus[-1] + 1)) else ",".join(map(str, cpus))
 
 
 def main(argv: list[str]) -> int:
@@ -71,7 +81,8 @@ def main(argv: list[str]) -> int:
     try:
         for size in args.sizes:
             conf = daemon_conf(backend.port, log_level=args.log_level,
-                               cache_max=cache_max_for(size), save_interval=0)
+                               cache_max=cache_max_for(size), save_interval=0,
+                               extra=f"CPUAffinity: {args.cpu_affinity}\n")
             daemon = BenchDaemon(conf, cache_entries=size)
             say(f"starting scam-back with {size:,} cached entries")
             daemon.start()
@@ -80,7 +91,9 @@ def main(argv: list[str]) -> int:
             say(f"  ready in {daemon.ready_s:.2f} s (cache file written in {daemon.cache_write_s:.2f} s), "
                 f"RSS {daemon.rss_mb():.0f} MB")
             notes.append(f"N={size:,}: scam-back ready {daemon.ready_s:.2f} s after exec, "
-                         f"RSS {daemon.rss_mb():.0f} MB, BackCacheMax {cache_max_for(size):,}")
+                         f"RSS {daemon.rss_mb():.0f} MB, BackCacheMax {cache_max_for(size):,}, "
+                         f"threads on CPU {cpus_text(daemon.pid)} (do-nothing milter: CPU "
+                         f"{cpus_text(null.pid)})")
             if daemon.protocol != null.protocol and not any("negotiated" in n for n in notes):
                 notes.append(f"negotiated steps differ: scam-back [{protocol_text(daemon.protocol)}] "
                              f"vs do-nothing [{protocol_text(null.protocol)}]")
@@ -150,7 +163,8 @@ def main(argv: list[str]) -> int:
           f"{args.repeat} run(s) per milter and cell in ABBA order; each figure is the median "
           "of the runs (max ms: the largest); "
           f"{args.rcpts} RCPTs per transaction, then {args.end}; unix sockets; scam-back "
-          f"LogLevel {args.log_level}.\n")
+          f"LogLevel {args.log_level}, CPUAffinity {args.cpu_affinity}"
+          + (" (overridden by --pin)" if args.pin else "") + ".\n")
     print(table(["N cached", "C", "milter", "RCPT/s", "each run", "p50 ms", "p99 ms", "each run",
                  "p99.9 ms", "max ms",
                  "milter CPU", "client CPU", "client procs", "other CPU", "errors/misses"], rows))

@@ -12,6 +12,7 @@ from . import __version__
 from . import config as configmod
 from . import daemon
 from . import log as logmod
+from . import placement
 from . import ctl
 from . import routing
 
@@ -109,6 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.check:
         try:
             daemon.read_secrets(config)     # serving reads them itself, as root, once
+            placement.chosen_cpu(config)
         except configmod.ConfigError as exc:
             log.error("%s", exc)
             return daemon.EX_CONFIG

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from .confcheck import cross_key_warnings
-from .values import (parse_bool, parse_cache_url, parse_daemon, parse_dns_server,
-                     parse_domain, parse_helo_name, parse_host, parse_int, parse_ip_version,
-                     parse_listen, parse_log_level, parse_mail_from, parse_network, parse_path,
-                     parse_port, parse_protocol, parse_reply_text, parse_seconds,
-                     parse_skip_recipient, parse_tls)
+from .values import (parse_bool, parse_cache_url, parse_cpu_affinity, parse_daemon,
+                     parse_dns_server, parse_domain, parse_helo_name, parse_host, parse_int,
+                     parse_ip_version, parse_listen, parse_log_level, parse_mail_from,
+                     parse_network, parse_path, parse_port, parse_protocol, parse_reply_text,
+                     parse_seconds, parse_skip_recipient, parse_tls)
 
 DEFAULT_CONFIG_PATH = "/etc/mail/scam.conf"
 DEFAULT_MAILERTABLE = "/etc/mail/mailertable"
@@ -107,6 +107,7 @@ class Config:
     tls: str = "no"
     tls_ca_file: Optional[str] = None
     protocol: str = "smtp"
+    cpu_affinity: str = "auto"
     warnings: tuple[str, ...] = field(default=(), compare=False)
     key_lines: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -196,6 +197,7 @@ KEYS: dict[str, tuple[str, Callable, Optional[str], bool]] = {k.lower(): (k, p, 
     ("BackTLS", parse_tls, "tls", False),
     ("BackTLSCAFile", parse_path, "tls_ca_file", False),
     ("BackProtocol", parse_protocol, "protocol", False),
+    ("CPUAffinity", parse_cpu_affinity, "cpu_affinity", False),
 ]}
 
 

@@ -24,6 +24,7 @@ from . import cachefile
 from . import catchall
 from . import control
 from . import log as logmod
+from . import placement
 from . import sharedcache
 from .admin import Admin
 from .backend import TLSContexts, tls_contexts_for
@@ -303,6 +304,7 @@ def serve(options: Options, config: Config, router: Router) -> int:
                     "senders get no bounce for them")
     try:
         password, tls = read_secrets(config)
+        cpu = placement.chosen_cpu(config)
     except ConfigError as exc:
         raise StartupError(str(exc), EX_CONFIG) from None
     make_run_dir(options.pid_file, uid, gid)
@@ -377,8 +379,9 @@ def serve(options: Options, config: Config, router: Router) -> int:
         Milter.factory = functools.partial(ScamBackMilter, verifier)
         Milter.set_flags(Milter.DELRCPT if config.bitbucket else 0)
         keeper.start()
-        log.info("scam-back starting on %s as uid %d (config %s, cache %s, control %s)",
-                 options.socket, os.getuid(), config.path, cache_path or "none", control_path)
+        log.info("scam-back starting on %s as uid %d (config %s, cache %s, control %s, %s)",
+                 options.socket, os.getuid(), config.path, cache_path or "none", control_path,
+                 placement.serve_on(cpu))
         if config.dry_run:
             log.warning("BackDryRun is on: verdicts are logged and counted, nothing is rejected "
                         "or tempfailed")

@@ -22,7 +22,8 @@ RESTART_ONLY = {"shared_cache": "BackCache", "cache_password_file": "BackCachePa
                 "stats_listen": "StatsListen", "cache_max": "BackCacheMax",
                 "invalid_cache_max": "BackInvalidCacheMax", "backlist": "BackList",
                 "bitbucket": "BitBucket", "save_interval": "BackListSaveInterval",
-                "stats_interval": "StatsInterval", "tls": "BackTLS", "tls_ca_file": "BackTLSCAFile"}
+                "stats_interval": "StatsInterval", "tls": "BackTLS", "tls_ca_file": "BackTLSCAFile",
+                "cpu_affinity": "CPUAffinity"}
 
 
 class ReloadError(Exception):

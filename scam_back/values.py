@@ -221,6 +221,14 @@ def parse_protocol(text: str) -> str:
     return text.lower()
 
 
+def parse_cpu_affinity(text: str) -> str:
+    """auto (one CPU, the last one allowed), all (leave it to the kernel), or a CPU number."""
+    low = text.lower()
+    if low in ("auto", "all") or re.fullmatch(r"\d{1,4}", text):
+        return low if not low.isdigit() else str(int(low))
+    raise ValueError(f'must be auto, all or a CPU number: "{text}"')
+
+
 def parse_path(text: str) -> str:
     """A file path."""
     if "\x00" in text:

@@ -56,11 +56,14 @@ def test_a_bad_config_is_refused_and_the_old_one_serves(setup, backend):
 
 def test_restart_only_keys_are_kept_and_named(setup):
     conf, base, verifier, reloader = setup
-    write(conf, base + "BackCacheMax: 5000\nBitBucket: yes\n")
+    write(conf, base + "BackCacheMax: 5000\nBitBucket: yes\nCPUAffinity: all\n")
     lines = reloader.reload()
     assert any("BackCacheMax changed" in line for line in lines)
     assert any("BitBucket changed" in line for line in lines)
+    assert any("CPUAffinity changed: it takes effect at the next restart" in line
+               for line in lines)
     assert verifier.config.cache_max == 1_000_000 and verifier.config.bitbucket is False
+    assert verifier.config.cpu_affinity == "auto"
 
 
 def test_check_reloads_only_when_a_file_changed(setup, backend, tmp_path):
