@@ -113,6 +113,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cache-entries", type=int, default=1000,
                         help="other entries in scam-back's cache besides the 5 recipients")
     parser.add_argument("--log-level", default="info", help="scam-back LogLevel")
+    parser.add_argument("--cpu-affinity", default="auto",
+                        help="scam-back's CPUAffinity (auto, its default: one CPU for all its "
+                             "threads; all: wherever the kernel puts them)")
     parser.add_argument("--quick", action="store_true", help="500 messages, 1 round")
     args = parser.parse_args(argv)
     if args.quick:
@@ -131,7 +134,8 @@ def main(argv: list[str]) -> int:
     rows, notes = [], []
     try:
         null = NullMilterProcess().start()
-        conf = daemon_conf(sink.port, extra="BackSkipLoopback: no\n", log_level=args.log_level,
+        conf = daemon_conf(sink.port, extra=f"BackSkipLoopback: no\nCPUAffinity: {args.cpu_affinity}\n",
+                           log_level=args.log_level,
                            cache_max=cache_max_for(args.cache_entries + args.rcpts), save_interval=0)
         daemon = BenchDaemon(conf, cache_entries=args.cache_entries,
                              cache_extra=recipients(args.rcpts), extra_args=("-g", "postfix"))
@@ -209,8 +213,8 @@ def main(argv: list[str]) -> int:
     print("## postfix_load: messages/s through Postfix (smtp-source -> Postfix -> smtp-sink)\n")
     print(f"{machine_line()}; smtp-source -s {args.sessions} -m {args.messages} -r {args.rcpts}, "
           f"one message per connection; {args.rounds} alternating round(s); milters on unix "
-          f"sockets; scam-back LogLevel {args.log_level}, {args.cache_entries + args.rcpts:,} cached "
-          "entries.\n")
+          f"sockets; scam-back LogLevel {args.log_level}, CPUAffinity {args.cpu_affinity}, "
+          f"{args.cache_entries + args.rcpts:,} cached entries.\n")
     print(table(["Postfix with", "msg/s (median)", "each round", "milter CPU (cores)",
                  "machine busy (cores)"], rows))
     print()
