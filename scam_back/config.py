@@ -137,6 +137,7 @@ class Config:
             "IPv6 skip rules and backends: yes",
             f"BackDryRun: {yes[self.dry_run]}",
             f"BackCache: {self.shared_cache_shown}",
+            f"CPUAffinity: {self.cpu_affinity}",
         ]
 
     @property

@@ -201,6 +201,7 @@ def test_help_prints_usage_and_features_and_exits_0(backend, tmp_path):
     result = run_cli("-h", "-f", str(conf))
     assert result.returncode == 0
     assert "usage: scam-back" in result.stdout and "BitBucket: yes" in result.stdout
+    assert "CPUAffinity: auto" in result.stdout
 
 
 def test_empty_socket_is_a_usage_error():
