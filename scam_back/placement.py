@@ -4,7 +4,7 @@ Python runs one thread at a time whatever the number of CPUs, and libmilter give
 connection a thread that takes the GIL for each callback. Spread over CPUs, each hand-off of
 the GIL wakes a thread on another CPU, which then fetches the decision's data from the first
 CPU's cache: on 2 shared cores that cost more than the decisions themselves (README,
-Performance). On one CPU the hand-offs stay cheap, and the kernel moves the MTA's processes to
+Performance). On one CPU the hand-offs stay cheap, and the kernel can run the MTA's processes on
 the others.
 """
 
