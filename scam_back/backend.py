@@ -135,9 +135,15 @@ class _SMTP(smtplib.SMTP):
         self.arm(self.read_timeout)         # the banner's time starts once connected
         return sock
 
-    def getreply(self):  # type: ignore[no-untyped-def]
-        if self.file is None and self.sock is not None:
+    def _reader(self) -> io.BufferedReader:
+        """The buffered reader over the socket that both replies and unasked() read."""
+        if self.file is None:
             self.file = io.BufferedReader(_DeadlineReader(self))
+        return self.file
+
+    def getreply(self):  # type: ignore[no-untyped-def]
+        if self.sock is not None:
+            self._reader()
         return super().getreply()
 
     def unasked(self, read: bool = False) -> bytes:
@@ -146,11 +152,10 @@ class _SMTP(smtplib.SMTP):
         call, which gives the GIL away); peer_closed then tells whether it has hung up."""
         if self.sock is None:
             return b""
-        if self.file is None:
-            self.file = io.BufferedReader(_DeadlineReader(self))
+        reader = self._reader()
         self.polling = "read" if read else "buffer"
         try:
-            return self.file.peek(1)        # the buffer, or else one read that does not wait
+            return reader.peek(1)           # the buffer, or else one read that does not wait
         except OSError:
             self.peer_closed = True
             return b""
