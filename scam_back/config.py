@@ -331,13 +331,13 @@ def parse_text(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
         elif repeatable:
             lists[fieldname].append(parsed_value)
         else:
-            if fieldname in seen and fieldname in FIRST_WINS:
-                servers.warnings.append(f"{path}:{lineno}: {name} repeats line {seen[fieldname]}; "
-                                        "the first value is used, as in the original")
-                continue
             if fieldname in seen:
+                first_wins = fieldname in FIRST_WINS
                 servers.warnings.append(f"{path}:{lineno}: {name} repeats line {seen[fieldname]}; "
-                                        "this later value is used")
+                                        + ("the first value is used, as in the original"
+                                           if first_wins else "this later value is used"))
+                if first_wins:
+                    continue
             seen[fieldname] = lineno
             values[fieldname] = parsed_value
 

@@ -224,8 +224,10 @@ def parse_protocol(text: str) -> str:
 def parse_cpu_affinity(text: str) -> str:
     """auto (one CPU, the last one allowed), all (leave it to the kernel), or a CPU number."""
     low = text.lower()
-    if low in ("auto", "all") or re.fullmatch(r"\d{1,4}", text):
-        return low if not low.isdigit() else str(int(low))
+    if low in ("auto", "all"):
+        return low
+    if re.fullmatch(r"\d{1,4}", text):
+        return str(int(text))           # 007 is CPU 7
     raise ValueError(f'must be auto, all or a CPU number: "{text}"')
 
 
