@@ -9,7 +9,9 @@ appearance marks the start of the write); the same load and save in-process
 Then the longest decision stall while a save runs: in-process, a thread saving the 1,000,000-entry
 cache again and again while another thread wakes every millisecond and calls get() (how late it
 completes is the stall a libmilter thread would see); and against the daemon, C connections of
-cached decisions with BackListSaveInterval: 1 against the same without periodic saves.
+cached decisions with BackListSaveInterval: 1 against the same without periodic saves and against
+the do-nothing milter, each loaded back to back and then paced (a pause after each message, as
+an MTA has between its SMTP client's messages).
 
 Finally the start-up time of the daemon to its socket answering a negotiation, empty cache.
 
@@ -29,10 +31,12 @@ import statistics
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
-from common import (print_notes, run_main, BenchDaemon, LoadSpec, LogWatcher, cache_max_for, daemon_conf, fmt,
-                    machine_line, percentile, proc_status, run_load, say, table, write_cache_file)
+from common import (print_notes, run_main, BenchDaemon, LoadSpec, LogWatcher, NullMilterProcess, cache_max_for,
+                    daemon_conf, fmt, machine_line, percentile, proc_status, run_load, say, table,
+                    write_cache_file)
 from scam_back import cache as cachemod
 from scam_back import config as configmod
 from tests.postfix import free_ports
@@ -40,6 +44,55 @@ from tests.postfix import free_ports
 LOADED = "entries loaded"
 SAVED = " saved"
 STALL_LIMIT = 0.050          # seconds: issue 5's longest allowed stall of a decision by a save
+
+
+@dataclass(frozen=True)
+class Pace:
+    """One way to load a milter for the stall rows: back to back, or with a pause per message."""
+
+    name: str
+    conns: int
+    seconds: float
+    pause: float = 0.0
+
+    def spec(self, address: str, size: int) -> LoadSpec:
+        return LoadSpec(address, self.conns, self.seconds, ("cached", size), warmup=0.5,
+                        pause=self.pause)
+
+    def text(self) -> str:
+        between = f", {self.pause * 1000:g} ms between messages" if self.pause else ", back to back"
+        return f"{self.conns} connections{between}"
+
+
+def paces(args: argparse.Namespace) -> list[Pace]:
+    """Back to back (libmilter's worst case, see the table's note), then paced like an MTA."""
+    return [Pace("back to back", args.stall_conns, args.stall_seconds),
+            Pace("paced", args.paced_conns, args.stall_seconds, args.pause_ms / 1000)]
+
+
+def null_milter_runs(size: int, loads: Sequence[Pace]) -> dict:
+    """The do-nothing milter under the same loads: libmilter's own stalls, without our code."""
+    null = NullMilterProcess().start()
+    try:
+        return {pace.name: (run_load(pace.spec(null.address, size), watch={"milter": null.pid}), 0)
+                for pace in loads}
+    finally:
+        null.stop()
+
+
+def stall_row(name: str, size: int, pace: Pace, run: dict) -> list[str]:
+    result, saves = run[pace.name]
+    return [name, f"{size:,}", pace.text(), f"{result.rate:,.0f}", fmt(result.pct_ms(99)),
+            fmt(result.pct_ms(99.9)), fmt(result.max_ms, 1), str(over_limit(result.latencies)),
+            str(saves)]
+
+
+def load_notes(name: str, result) -> list[str]:  # type: ignore[no-untyped-def]
+    """Errors and unexpected replies of one load, for the notes under the tables."""
+    notes = [f"{name}: {error}" for error in result.errors[:3]]
+    if result.not_continue:
+        notes.append(f"{name}: replies {dict(result.replies)}")
+    return notes
 
 
 def over_limit(latencies: Sequence[float]) -> int:
@@ -87,9 +140,9 @@ class DirWatcher:
         self._thread.join(2)
 
 
-def daemon_size_run(size: int, backend_port: int, load_seconds: float, conns: int,
+def daemon_size_run(size: int, backend_port: int, loads: Sequence[Pace] = (),
                     save_interval: int = 0) -> dict:
-    """Start the daemon with a cache of `size`, read its RSS, optionally load it, stop it."""
+    """Start the daemon with a cache of `size`, read its RSS, drive each of `loads`, stop it."""
     conf = daemon_conf(backend_port, cache_max=cache_max_for(size), save_interval=save_interval)
     daemon = BenchDaemon(conf, cache_entries=size)
     watcher = LogWatcher(daemon.logpath, [LOADED], poll=0.002).start(from_end=False)
@@ -109,11 +162,10 @@ def daemon_size_run(size: int, backend_port: int, load_seconds: float, conns: in
         out["rss"] = daemon.rss_mb()
         out["hwm"] = proc_status(daemon.pid, "VmHWM") / 1024
         out["file_mb"] = os.path.getsize(daemon.cachefile) / 1e6
-        if load_seconds:
+        for pace in loads:
             saves0 = daemon.count_log(SAVED)
-            spec = LoadSpec(daemon.address, conns, load_seconds, ("cached", size), warmup=0.5)
-            out["load"] = run_load(spec, watch={"milter": daemon.pid})
-            out["saves"] = daemon.count_log(SAVED) - saves0
+            result = run_load(pace.spec(daemon.address, size), watch={"milter": daemon.pid})
+            out[pace.name] = (result, daemon.count_log(SAVED) - saves0)
         # Stop: SIGTERM -> libmilter returns (up to ~5 s) -> save (temporary file) -> "saved" -> exit.
         saved_watch = LogWatcher(daemon.logpath, [SAVED], poll=0.002).start(from_end=True)
         dir_watch = DirWatcher(daemon.dir)
@@ -236,10 +288,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,100000,1000000")
     parser.add_argument("--lookups", type=int, default=200_000, help="get() calls timed per size")
-    parser.add_argument("--stall-seconds", type=float, default=4.0,
+    parser.add_argument("--stall-seconds", type=float, default=6.0,
                         help="length of each stall measurement")
     parser.add_argument("--stall-conns", type=int, default=10,
                         help="milter connections for the daemon stall measurement")
+    parser.add_argument("--paced-conns", type=int, default=30,
+                        help="milter connections for the paced stall measurement")
+    parser.add_argument("--pause-ms", type=float, default=3.0,
+                        help="pause per message of the paced stall measurement")
     parser.add_argument("--startups", type=int, default=3, help="empty-cache start-up runs")
     parser.add_argument("--quick", action="store_true", help="sizes 1000,100000; short stalls")
     args = parser.parse_args(argv)
@@ -254,11 +310,12 @@ def main(argv: list[str]) -> int:
     port = free_ports(1)[0]          # nothing listens: every probe would be trouble (none expected)
     largest = max(args.sizes)
     size_rows, stall_rows, notes = [], [], []
+    loads = paces(args)
+    by_way: dict[str, dict] = {}      # the stall rows' milters, each with a result per load
 
     for size in args.sizes:
         say(f"daemon with {size:,} entries")
-        load_s = args.stall_seconds if size == largest else 0
-        run = daemon_size_run(size, port, load_s, args.stall_conns)
+        run = daemon_size_run(size, port, loads if size == largest else ())
         say(f"in-process cache with {size:,} entries")
         mem = inprocess(size, args.lookups)
         try:
@@ -278,29 +335,19 @@ def main(argv: list[str]) -> int:
                                        fmt(res["p999"]), fmt(res["max"], 1), str(res["over"]),
                                        f"{res['saves']} ({fmt(res['save_mean'])} s each)"
                                        if res["saves"] else "0"])
-                base = run["load"]
-                stall_rows.append(["daemon, BackListSaveInterval: 0", f"{size:,}",
-                                   f"{args.stall_conns} connections", f"{base.rate:,.0f}",
-                                   fmt(base.pct_ms(99)), fmt(base.pct_ms(99.9)), fmt(base.max_ms, 1),
-                                   str(over_limit(base.latencies)),
-                                   str(run["saves"])])
-                for error in base.errors[:3]:
-                    notes.append(f"daemon stall run: {error}")
+                say("the do-nothing milter under the same loads")
+                by_way["do-nothing milter"] = null_milter_runs(size, loads)
+                by_way["daemon, BackListSaveInterval: 0"] = run
         finally:
             shutil.rmtree(mem["folder"], ignore_errors=True)
             mem.clear()
 
     say(f"daemon with {largest:,} entries and BackListSaveInterval: 1 under load")
-    run = daemon_size_run(largest, port, args.stall_seconds, args.stall_conns, save_interval=1)
-    res = run["load"]
-    stall_rows.append(["daemon, BackListSaveInterval: 1", f"{largest:,}",
-                       f"{args.stall_conns} connections", f"{res.rate:,.0f}", fmt(res.pct_ms(99)),
-                       fmt(res.pct_ms(99.9)), fmt(res.max_ms, 1), str(over_limit(res.latencies)),
-                       str(run["saves"])])
-    for error in res.errors[:3]:
-        notes.append(f"daemon stall run with saves: {error}")
-    if res.not_continue:
-        notes.append(f"daemon stall run with saves: replies {dict(res.replies)}")
+    by_way["daemon, BackListSaveInterval: 1"] = daemon_size_run(largest, port, loads, save_interval=1)
+    for pace in loads:
+        for way, run in by_way.items():
+            stall_rows.append(stall_row(way, largest, pace, run))
+            notes.extend(load_notes(f"{way}, {pace.name}", run[pace.name][0]))
 
     say("empty-cache start-ups")
     starts = empty_startups(args.startups, port)
@@ -326,8 +373,11 @@ def main(argv: list[str]) -> int:
           "thread saving as the daemon does while serving (VerdictCache.save(serving=True): in "
           "pieces, pausing after each). Daemon: RCPT decision latency over the milter protocol; "
           "'saves done' counts 'saved' log lines in the window; 'over 50 ms' counts decisions "
-          "slower than that (compare the row without saves: libmilter alone has rare stalls of "
-          "up to a second or two, the do-nothing milter too).")
+          "slower than that. Back to back, libmilter's worker pool stalls on its own, the "
+          "do-nothing milter too: a worker keeps serving one connection while its next command "
+          "comes within 1 ms (mi_rd_socket_ready), and a connection whose wake-up went to a "
+          "worker already woken waits until some worker's connection pauses. An MTA pauses "
+          "between messages; so do the paced rows, where a stall would be the save's.")
     print()
     print(table(["empty-cache start-up", "socket exists s", "negotiation answered s"],
                 [[f"run {i + 1}", fmt(s, 3), fmt(r, 3)] for i, (s, r) in enumerate(starts)]))

@@ -308,7 +308,8 @@ class LoadSpec:
     recipients: ("cached", N) random user{k}@example.net with k < N; ("unique", tag) a new
     address for every RCPT. tx_per_conn: transactions per milter connection (0: one
     connection for the whole run); each transaction is MAIL, `rcpts` RCPTs, then end of message
-    (end="eom") or abort (end="abort").
+    (end="eom") or abort (end="abort"). pause: seconds a connection waits after each
+    transaction, as an MTA waits for its SMTP client's next message (0: back to back).
     """
 
     address: str
@@ -322,6 +323,7 @@ class LoadSpec:
     procs: int = 0
     timeout: float = 15.0
     seed: int = 1
+    pause: float = 0.0
 
 
 @dataclass
@@ -436,6 +438,8 @@ def _connection_thread(spec: LoadSpec, wid: int, tid: int, opened_barrier: threa
                     client.abort()
                 transactions += 1
                 done_here += 1
+                if spec.pause:
+                    time.sleep(spec.pause)
                 if spec.tx_per_conn and done_here >= spec.tx_per_conn:
                     client.quit()
                     client = None
