@@ -6,9 +6,11 @@ three smtpd listeners differ only in smtpd_milters (none, bench/null_milter.py, 
 on a unix socket. Postfix's smtp-source sends -m messages over -s parallel sessions, one message
 of 5 recipients (rcpt@, 2rcpt@ ... 5rcpt@example.net, all in scam-back's cache) per connection.
 The three ways alternate for --rounds rounds; the median is reported. Postfix's own throttles are
-off: smtpd_hard_error_limit raised, smtpd_error_sleep_time and in_flow_delay 0.
+off: smtpd_hard_error_limit raised, smtpd_error_sleep_time and in_flow_delay 0. The instance,
+queue included, lives on the tmpfs /dev/shm when there is one: on disk, each round's rate varied by
+a third with the queue files' fsyncs whichever way was measured (--queue-on-disk to see it).
 
-    .venv/bin/python bench/postfix_load.py [--messages 2000] [--sessions 20] [--rounds 5]
+    .venv/bin/python bench/postfix_load.py [--messages 2000] [--sessions 20] [--rounds 5] [--queue-on-disk]
     .venv/bin/python bench/postfix_load.py --quick
 """
 
@@ -19,13 +21,40 @@ import os
 import shutil
 import statistics
 import subprocess
+import tempfile
 import time
+from typing import Optional
 
 from common import (print_notes, run_main, CORES, BenchDaemon, NullMilterProcess, cache_max_for, cpu_seconds,
                     daemon_conf, fmt, machine_line, ratio, say, stop_pid, system_cpu, table)
 from tests.postfix import PostfixInstance, free_ports, listening_ports, postfix_available
 
 RECIPIENT = "rcpt@example.net"
+TMPFS = "/dev/shm"
+
+
+def queue_parent(on_disk: bool) -> tuple[Optional[str], str]:
+    """Where the Postfix instance goes, and how the table says it: a tmpfs unless asked not to."""
+    if not on_disk and os.path.isdir(TMPFS) and os.access(TMPFS, os.W_OK) and \
+            "tmpfs" in fs_type(TMPFS):
+        return TMPFS, f"Postfix queue on tmpfs ({TMPFS})"
+    return None, f"Postfix queue in {tempfile.gettempdir()} ({fs_type(tempfile.gettempdir())})"
+
+
+def fs_type(path: str) -> str:
+    """The file system type of the mount holding path, from /proc/self/mounts ('' if unknown)."""
+    best, kind = "", ""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 2 and (real + "/").startswith(fields[1].rstrip("/") + "/") \
+                        and len(fields[1]) >= len(best):
+                    best, kind = fields[1], fields[2]
+    except OSError:
+        pass
+    return kind
 
 
 def find_tool(name: str) -> str:
@@ -116,6 +145,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cpu-affinity", default="auto",
                         help="scam-back's CPUAffinity (auto, its default: one CPU for all its "
                              "threads; all: wherever the kernel puts them)")
+    parser.add_argument("--queue-on-disk", action="store_true",
+                        help=f"keep Postfix's queue in $TMPDIR, not on the tmpfs {TMPFS}: its "
+                             "fsyncs then vary each round by a third, whatever the milter")
     parser.add_argument("--quick", action="store_true", help="500 messages, 1 round")
     args = parser.parse_args(argv)
     if args.quick:
@@ -132,6 +164,7 @@ def main(argv: list[str]) -> int:
     sink = Sink()
     null = daemon = instance = None
     rows, notes = [], []
+    parent, where = queue_parent(args.queue_on_disk)
     try:
         null = NullMilterProcess().start()
         conf = daemon_conf(sink.port, extra=f"BackSkipLoopback: no\nCPUAffinity: {args.cpu_affinity}\n",
@@ -142,7 +175,7 @@ def main(argv: list[str]) -> int:
         daemon.start()
         say(f"scam-back ready in {daemon.ready_s:.2f} s; starting Postfix")
         instance = PostfixInstance(
-            daemon.address, sink.port, milter_default_action="tempfail",
+            daemon.address, sink.port, milter_default_action="tempfail", parent=parent,
             listeners={"nomilter": {"smtpd_milters": ""}, "null": {"smtpd_milters": null.address}},
             main_extra={"smtpd_hard_error_limit": "1000", "smtpd_soft_error_limit": "1000",
                         "smtpd_error_sleep_time": "0", "in_flow_delay": "0",
@@ -214,7 +247,7 @@ def main(argv: list[str]) -> int:
     print(f"{machine_line()}; smtp-source -s {args.sessions} -m {args.messages} -r {args.rcpts}, "
           f"one message per connection; {args.rounds} alternating round(s); milters on unix "
           f"sockets; scam-back LogLevel {args.log_level}, CPUAffinity {args.cpu_affinity}, "
-          f"{args.cache_entries + args.rcpts:,} cached entries.\n")
+          f"{args.cache_entries + args.rcpts:,} cached entries; {where}.\n")
     print(table(["Postfix with", "msg/s (median)", "each round", "milter CPU (cores)",
                  "machine busy (cores)"], rows))
     print()

@@ -121,7 +121,7 @@ class PostfixInstance:
                  milter_default_action: str = "tempfail",
                  main_extra: Optional[Mapping[str, str]] = None,
                  listeners: Optional[Mapping[str, Mapping[str, str]]] = None,
-                 hostname: str = "mx.test.example") -> None:
+                 hostname: str = "mx.test.example", parent: Optional[str] = None) -> None:
         self.milter = milter
         self.backend_port = backend_port
         self.domains = tuple(domains)
@@ -129,7 +129,7 @@ class PostfixInstance:
         self.main_extra = dict(main_extra or {})
         self.listener_options = {name: dict(opts) for name, opts in (listeners or {}).items()}
         self.hostname = hostname
-        self.dir = tempfile.mkdtemp(prefix="scam-back-postfix-")   # root, 0700
+        self.dir = tempfile.mkdtemp(prefix="scam-back-postfix-", dir=parent)   # root, 0700
         os.chmod(self.dir, 0o755)       # smtpd (user postfix) must reach its queue under it
         self.etc = os.path.join(self.dir, "etc")
         self.queue = os.path.join(self.dir, "spool")
