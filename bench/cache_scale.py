@@ -34,9 +34,9 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from common import (print_notes, run_main, BenchDaemon, LoadSpec, LogWatcher, NullMilterProcess, cache_max_for,
-                    daemon_conf, fmt, machine_line, percentile, proc_status, run_load, say, table,
-                    write_cache_file)
+from common import (print_notes, run_main, BenchDaemon, LoadResult, LoadSpec, LogWatcher, NullMilterProcess,
+                    cache_max_for, daemon_conf, fmt, machine_line, percentile, proc_status, run_load, say,
+                    table, write_cache_file)
 from scam_back import cache as cachemod
 from scam_back import config as configmod
 from tests.postfix import free_ports
@@ -87,7 +87,7 @@ def stall_row(name: str, size: int, pace: Pace, run: dict) -> list[str]:
             str(saves)]
 
 
-def load_notes(name: str, result) -> list[str]:  # type: ignore[no-untyped-def]
+def load_notes(name: str, result: LoadResult) -> list[str]:
     """Errors and unexpected replies of one load, for the notes under the tables."""
     notes = [f"{name}: {error}" for error in result.errors[:3]]
     if result.not_continue:

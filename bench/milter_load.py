@@ -64,8 +64,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def cpus_text(pid: int) -> str:
     """The CPUs a process's main thread may run on, as "0-1" or "1"."""
     cpus = sorted(os.sched_getaffinity(pid))
-    return str(cpus[0]) if len(cpus) == 1 else f"{cpus[0]}-{cpus[-1]}" if \
-        cpus == list(range(cpus[0], cpus[-1] + 1)) else ",".join(map(str, cpus))
+    if len(cpus) == 1:
+        return str(cpus[0])
+    if cpus == list(range(cpus[0], cpus[-1] + 1)):
+        return f"{cpus[0]}-{cpus[-1]}"
+    return ",".join(map(str, cpus))
 
 
 def main(argv: list[str]) -> int:
